@@ -1,0 +1,258 @@
+// CUDA FP8 quantization kernels. Per-tensor current scaling is two launches (an amax reduction,
+// then the quantize pass, whose second read of x mostly hits L2); per-row scaling is one pass.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "quant/quantize.h"
+
+namespace fr::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ float ToFloat(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+// |v| as ordered bits: for non-negative floats the unsigned order is the float order, and every NaN
+// pattern sorts above inf, so an integer max propagates NaN.
+__device__ __forceinline__ uint32_t AbsBits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+
+template <__nv_fp8_interpretation_t kFormat>
+__device__ __forceinline__ uint8_t ToFp8(float v) {  // round to nearest even, saturate, NaN stays NaN
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, kFormat));
+}
+
+__device__ __forceinline__ float ScaleFromAmax(float amax, float fmax) {
+  float floored = amax > kAmaxFloor ? amax : (isnan(amax) ? amax : kAmaxFloor);
+  return __fdiv_rn(floored, fmax);
+}
+
+template <typename T>
+struct Vec {  // one 16-byte load of T
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+template <typename T>
+__global__ void AbsMaxKernel(const T* __restrict__ x, int64_t n, uint32_t* __restrict__ amax_bits) {
+  constexpr int kVec = Vec<T>::kSize;
+  uint32_t m = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t n_vec = n / kVec;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_vec; i += stride) {
+    Vec<T> v = reinterpret_cast<const Vec<T>*>(x)[i];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) m = max(m, AbsBits(ToFloat(v.v[j])));
+  }
+  for (int64_t i = n_vec * kVec + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
+    m = max(m, AbsBits(ToFloat(x[i])));
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  __shared__ uint32_t warp_max[kThreads / 32];
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    m = threadIdx.x < kThreads / 32 ? warp_max[threadIdx.x] : 0;
+    m = __reduce_max_sync(0xFFFFFFFFu, m);
+    if (threadIdx.x == 0 && m != 0) atomicMax(amax_bits, m);
+  }
+}
+
+// Reads the tensor scale (given, or from the amax just reduced) and returns 1 / scale.
+__device__ __forceinline__ float TensorInvScale(const float* scale_in, const uint32_t* amax_bits, float fmax) {
+  float scale = scale_in != nullptr ? *scale_in : ScaleFromAmax(__uint_as_float(*amax_bits), fmax);
+  return __frcp_rn(scale);
+}
+
+template <typename T, __nv_fp8_interpretation_t kFormat>
+__global__ void QuantizeTensorKernel(const T* __restrict__ x, int64_t n, const float* scale_in,
+                                     const uint32_t* amax_bits, float fmax, uint8_t* __restrict__ q,
+                                     float* scale_out) {
+  constexpr int kVec = Vec<T>::kSize;
+  const float inv = TensorInvScale(scale_in, amax_bits, fmax);
+  if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    scale_out[0] = ScaleFromAmax(__uint_as_float(*amax_bits), fmax);
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if ((i + 1) * kVec <= n) {
+    Vec<T> v = reinterpret_cast<const Vec<T>*>(x)[i];
+    uint8_t out[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
+    if constexpr (kVec == 8) {
+      reinterpret_cast<uint2*>(q)[i] = *reinterpret_cast<uint2*>(out);
+    } else {
+      reinterpret_cast<uint32_t*>(q)[i] = *reinterpret_cast<uint32_t*>(out);
+    }
+  } else {
+    for (int64_t e = i * kVec; e < n; ++e) q[e] = ToFp8<kFormat>(__fmul_rn(ToFloat(x[e]), inv));
+  }
+}
+
+// One warp per row: amax of the row, then the row's quantization (its second read hits L1/L2).
+template <typename T, __nv_fp8_interpretation_t kFormat>
+__global__ void QuantizeRowsKernel(const T* __restrict__ x, int64_t rows, int64_t cols, const float* scale_in,
+                                   float fmax, uint8_t* __restrict__ q, float* scale_out, float* amax_out) {
+  constexpr int kVec = Vec<T>::kSize;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;
+  const T* xr = x + row * cols;
+  uint8_t* qr = q + row * cols;
+  const bool vec_ok = cols % kVec == 0;
+  float scale;
+  if (scale_in != nullptr) {
+    scale = scale_in[row];
+  } else {
+    uint32_t m = 0;
+    if (vec_ok) {
+      for (int64_t i = lane; i < cols / kVec; i += 32) {
+        Vec<T> v = reinterpret_cast<const Vec<T>*>(xr)[i];
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) m = max(m, AbsBits(ToFloat(v.v[j])));
+      }
+    } else {
+      for (int64_t i = lane; i < cols; i += 32) m = max(m, AbsBits(ToFloat(xr[i])));
+    }
+    m = __reduce_max_sync(0xFFFFFFFFu, m);
+    float amax = __uint_as_float(m);
+    scale = ScaleFromAmax(amax, fmax);
+    if (lane == 0) {
+      scale_out[row] = scale;
+      amax_out[row] = amax;
+    }
+  }
+  const float inv = __frcp_rn(scale);
+  if (vec_ok) {
+    for (int64_t i = lane; i < cols / kVec; i += 32) {
+      Vec<T> v = reinterpret_cast<const Vec<T>*>(xr)[i];
+      uint8_t out[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
+      if constexpr (kVec == 8) {
+        reinterpret_cast<uint2*>(qr)[i] = *reinterpret_cast<uint2*>(out);
+      } else {
+        reinterpret_cast<uint32_t*>(qr)[i] = *reinterpret_cast<uint32_t*>(out);
+      }
+    }
+  } else {
+    for (int64_t i = lane; i < cols; i += 32) qr[i] = ToFp8<kFormat>(__fmul_rn(ToFloat(xr[i]), inv));
+  }
+}
+
+// 64 x 64 tiles: each tile is quantized once and written both as q (rows, cols) and, through shared
+// memory, as q_t (cols, rows_padded); q_t's padding columns are written as zeros.
+constexpr int kTile = 64;
+
+template <typename T, __nv_fp8_interpretation_t kFormat>
+__global__ void QuantizeTransposeKernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t rows_padded,
+                                        const float* scale_in, const uint32_t* amax_bits, float fmax,
+                                        uint8_t* __restrict__ q, uint8_t* __restrict__ q_t, float* scale_out) {
+  __shared__ uint8_t tile[kTile][kTile + 4];
+  const float inv = TensorInvScale(scale_in, amax_bits, fmax);
+  if (scale_out != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0)
+    scale_out[0] = ScaleFromAmax(__uint_as_float(*amax_bits), fmax);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  // Phase 1: 8 threads per tile row, 8 consecutive elements each; 32 rows per pass.
+  const int tc = (threadIdx.x % 8) * 8;
+  const bool vec_ok = cols % 8 == 0 && (sizeof(T) == 2);
+  for (int tr = threadIdx.x / 8; tr < kTile; tr += kThreads / 8) {
+    const int64_t r = r0 + tr, c = c0 + tc;
+    uint8_t out[8];
+    if (r < rows && vec_ok && c + 8 <= cols) {
+      Vec<T> v = *reinterpret_cast<const Vec<T>*>(x + r * cols + c);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
+      *reinterpret_cast<uint2*>(q + r * cols + c) = *reinterpret_cast<uint2*>(out);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        out[j] = 0;  // padding rows of q_t read as zero
+        if (r < rows && c + j < cols) {
+          out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(x[r * cols + c + j]), inv));
+          q[r * cols + c + j] = out[j];
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) tile[tr][tc + j] = out[j];
+  }
+  __syncthreads();
+  // Phase 2: 4 threads per q_t row, 16 consecutive bytes (= 16 source rows) each.
+  const int out_c = threadIdx.x / 4;
+  const int rr = (threadIdx.x % 4) * 16;
+  const int64_t c = c0 + out_c;
+  if (c >= cols) return;
+  uint8_t col[16];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) col[j] = tile[rr + j][out_c];
+  const int64_t r = r0 + rr;
+  if (r + 16 <= rows_padded && rows_padded % 16 == 0) {
+    *reinterpret_cast<uint4*>(q_t + c * rows_padded + r) = *reinterpret_cast<uint4*>(col);
+  } else {
+    for (int j = 0; j < 16 && r + j < rows_padded; ++j) q_t[c * rows_padded + r + j] = col[j];
+  }
+}
+
+template <typename T, __nv_fp8_interpretation_t kFormat>
+cudaError_t Launch(const QuantizeParams& p, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(p.x);
+  uint8_t* q = static_cast<uint8_t*>(p.q);
+  const float fmax = Fp8Max(p.q_dtype);
+  const int64_t n = p.rows * p.cols;
+  if (p.granularity == Granularity::kRow) {
+    const int rows_per_block = kThreads / 32;
+    const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
+    if (blocks > 0)
+      QuantizeRowsKernel<T, kFormat><<<blocks, kThreads, 0, stream>>>(x, p.rows, p.cols, p.scale_in, fmax, q,
+                                                                      p.scale_out, p.amax_out);
+    return cudaGetLastError();
+  }
+  uint32_t* amax_bits = nullptr;
+  if (p.scale_in == nullptr) {
+    amax_bits = reinterpret_cast<uint32_t*>(p.amax_out);
+    cudaError_t err = cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream);
+    if (err != cudaSuccess) return err;
+    int device, sms;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    const int64_t vec_threads = (n / Vec<T>::kSize + kThreads - 1) / kThreads;
+    const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(vec_threads, sms * 8)));
+    AbsMaxKernel<T><<<blocks, kThreads, 0, stream>>>(x, n, amax_bits);
+  }
+  float* scale_out = p.scale_in == nullptr ? p.scale_out : nullptr;
+  if (p.q_t != nullptr) {
+    dim3 grid((p.cols + kTile - 1) / kTile, (p.rows_padded + kTile - 1) / kTile);
+    QuantizeTransposeKernel<T, kFormat><<<grid, kThreads, 0, stream>>>(
+        x, p.rows, p.cols, p.rows_padded, p.scale_in, amax_bits, fmax, q, static_cast<uint8_t*>(p.q_t), scale_out);
+  } else {
+    const int64_t threads = (n + Vec<T>::kSize - 1) / Vec<T>::kSize;
+    const int64_t blocks = std::max<int64_t>(1, (threads + kThreads - 1) / kThreads);
+    QuantizeTensorKernel<T, kFormat><<<blocks, kThreads, 0, stream>>>(x, n, p.scale_in, amax_bits, fmax, q, scale_out);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchFormat(const QuantizeParams& p, cudaStream_t stream) {
+  return p.q_dtype == DType::kE4M3 ? Launch<T, __NV_E4M3>(p, stream) : Launch<T, __NV_E5M2>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t Quantize(const QuantizeParams& p, cudaStream_t stream) {
+  switch (p.x_dtype) {
+    case DType::kF32: return LaunchFormat<float>(p, stream);
+    case DType::kBF16: return LaunchFormat<__nv_bfloat16>(p, stream);
+    case DType::kF16: return LaunchFormat<__half>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fr::cuda

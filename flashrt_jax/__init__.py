@@ -1,0 +1,25 @@
+"""flashrt_jax: FP8 GEMM, fused FP8 quantization and attention CUDA kernels for JAX.
+
+Every op is an XLA FFI custom call registered for CPU (C++ reference kernels) and CUDA, wrapped with
+`jax.custom_vjp`, so it works under jit, grad, vmap, scan and remat.
+"""
+
+from flashrt_jax import reference
+from flashrt_jax.ffi import cuda_available
+from flashrt_jax.ops.gemm import DEFAULT_MIN_ROWS, Fp8Recipe, Fp8Weight, fp8_dense, fp8_gemm
+from flashrt_jax.ops.quant import dequantize, quantize, quantize_transpose
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MIN_ROWS",
+    "Fp8Recipe",
+    "Fp8Weight",
+    "cuda_available",
+    "dequantize",
+    "fp8_dense",
+    "fp8_gemm",
+    "quantize",
+    "quantize_transpose",
+    "reference",
+]

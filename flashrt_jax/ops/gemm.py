@@ -1,0 +1,314 @@
+"""FP8 GEMM and the differentiable FP8 dense layer op.
+
+`fp8_gemm` is the raw cuBLASLt FP8 GEMM as a JAX op. `fp8_dense` is the layer: it quantizes the
+activation (and a trainable weight) on the fly, runs the GEMM, and in its backward computes dx and
+dW with FP8 (E5M2 gradient) or BF16 GEMMs. A frozen weight (`Fp8Weight`) stays 1 byte per parameter
+and its gradient is never computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from flashrt_jax import _checks, reference
+from flashrt_jax.ffi import gemm as raw_gemm
+from flashrt_jax.ffi import quant as raw_quant
+from flashrt_jax.ops.quant import quantize
+
+E4M3 = jnp.dtype(jnp.float8_e4m3fn)
+E5M2 = jnp.dtype(jnp.float8_e5m2)
+BF16 = jnp.dtype(jnp.bfloat16)
+F32 = jnp.dtype(jnp.float32)
+OUT_DTYPES = (BF16, F32)
+
+# Below this many rows (M = prod of x's leading axes) fp8_dense runs XLA's BF16 dot instead: at
+# small M the GEMM is bound by reading the weight and the quantize passes cost more than FP8 saves.
+# Measured on the H100 by benchmarks/gemm.py (crossover section of benchmarks/results/h100/gemm.md).
+DEFAULT_MIN_ROWS = 256
+
+
+def _gemm_2d(a, b, a_scale, b_scale, bias, out_dtype, fast_accum):
+  """a (M, K), b (N, K) FP8 -> (M, N); scales of any shape holding 1, M or N values."""
+  m, n = a.shape[0], b.shape[0]
+  a_scale, b_scale = a_scale.reshape(-1), b_scale.reshape(-1)
+  if a_scale.size > 1 or b_scale.size > 1:  # cuBLASLt's outer-vector mode wants both as vectors
+    a_scale, b_scale = jnp.broadcast_to(a_scale, (m,)), jnp.broadcast_to(b_scale, (n,))
+  if bias is not None and out_dtype != BF16:  # cuBLASLt's FP8 bias epilogue is bf16 only
+    out = raw_gemm.fp8_gemm(a, b, a_scale, b_scale, None, out_dtype, fast_accum)
+    return out + bias.astype(out_dtype)
+  bias = None if bias is None else bias.astype(out_dtype)
+  return raw_gemm.fp8_gemm(a, b, a_scale, b_scale, bias, out_dtype, fast_accum)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_gemm
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype, fast_accum):
+  out = _gemm_2d(a.reshape(-1, a.shape[-1]), b, a_scale, b_scale, bias, out_dtype, fast_accum)
+  return out.reshape(a.shape[:-1] + (b.shape[0],))
+
+
+def _fp8_gemm_fwd(a, a_scale, b, b_scale, bias, out_dtype, fast_accum):
+  return _fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype, fast_accum), (a, a_scale, b, b_scale, bias)
+
+
+def _fp8_gemm_bwd(out_dtype, fast_accum, res, ct):
+  fn = lambda a, sa, b, sb, bias: reference.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, bias=bias)
+  return jax.vjp(fn, *res)[1](ct)
+
+
+_fp8_gemm.defvjp(_fp8_gemm_fwd, _fp8_gemm_bwd)
+
+
+def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, bias=None, fast_accum: bool = True):
+  """out = (a * a_scale) @ (b * b_scale)^T [+ bias]: cuBLASLt FP8 GEMM, fp32 accumulation.
+
+  Args:
+    a: (..., K) float8_e4m3fn or float8_e5m2; leading axes are flattened into M.
+    a_scale: () float32, or (..., 1) for one scale per row of a (per token).
+    b: (N, K) float8_e4m3fn or float8_e5m2, contiguous along K (the Hopper "TN" layout: a Flax
+      kernel (K, N) enters as its transpose). a and b may not both be float8_e5m2.
+    b_scale: () float32, or (N,) for one per row of b (per output channel).
+    out_dtype: jnp.bfloat16 or jnp.float32.
+    bias: optional (N,) float, added in the GEMM's epilogue.
+    fast_accum: Hopper's faster FP8 accumulation mode (cuBLASLt FAST_ACCUM).
+
+  K and N must be multiples of 16 (cuBLASLt FP8 alignment). Differentiable: the backward runs the
+  reference's VJP in XLA (cotangents of the FP8 operands come back in their FP8 dtype); for a
+  trainable layer use `fp8_dense`.
+
+  Returns:
+    (..., N) out_dtype.
+  """
+  op = "fp8_gemm"
+  _checks.array(op, "a", a, _checks.FP8_DTYPES)
+  _checks.array(op, "b", b, _checks.FP8_DTYPES, rank=2)
+  if b.shape[1] != a.shape[-1]:
+    raise ValueError(f"{op}: b must have shape (N, {a.shape[-1]}) to match a {a.shape}; got {b.shape}")
+  if jnp.dtype(a.dtype) == E5M2 and jnp.dtype(b.dtype) == E5M2:
+    raise TypeError(f"{op}: a and b cannot both be float8_e5m2 (FP8 tensor cores take E4M3 x E5M2 at most)")
+  k, n = b.shape[1], b.shape[0]
+  if k % 16 or n % 16:
+    raise ValueError(f"{op}: K and N must be multiples of 16 for cuBLASLt FP8, got K={k}, N={n}")
+  _checks.scale(op, "a_scale", a_scale, ((), a.shape[:-1] + (1,)))
+  _checks.scale(op, "b_scale", b_scale, ((), (n,)))
+  _checks.choice(op, "out_dtype", jnp.dtype(out_dtype), OUT_DTYPES)
+  if bias is not None:
+    _checks.array(op, "bias", bias, _checks.FLOAT_DTYPES, rank=1)
+    if bias.shape != (n,):
+      raise ValueError(f"{op}: bias must have shape ({n},), got {bias.shape}")
+  return _fp8_gemm(a, a_scale, b, b_scale, bias, jnp.dtype(out_dtype), bool(fast_accum))
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen FP8 weights
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Fp8Weight:
+  """A frozen weight quantized once: `data` (N, K) float8_e4m3fn, contiguous along K as the forward
+  FP8 GEMM wants it, and `scale` () float32 (per tensor) or (N,) (per output channel).
+
+  It stands for the Flax kernel `data.T * scale` of shape (K, N): 1 byte per parameter, no BF16 copy.
+  """
+
+  data: jax.Array
+  scale: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The (K, N) shape of the kernel this weight stands for."""
+    return (self.data.shape[1], self.data.shape[0])
+
+  @classmethod
+  def from_kernel(cls, kernel, granularity: str = "tensor") -> "Fp8Weight":
+    """Quantizes a (K, N) float kernel; granularity "tensor" or "channel" (one scale per N)."""
+    _checks.array("Fp8Weight.from_kernel", "kernel", kernel, _checks.FLOAT_DTYPES, rank=2)
+    _checks.choice("Fp8Weight.from_kernel", "granularity", granularity, ("tensor", "channel"))
+    data, scale = quantize(kernel.T, granularity="row" if granularity == "channel" else "tensor")
+    return cls(data, scale.reshape(-1) if granularity == "channel" else scale)
+
+  def dequantize(self, dtype=jnp.float32):
+    """The (K, N) kernel in dtype."""
+    scale = self.scale[:, None] if self.scale.ndim else self.scale
+    return (self.data.astype(jnp.float32) * scale).T.astype(dtype)
+
+  def tree_flatten(self):
+    return (self.data, self.scale), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_dense
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Recipe:
+  """How `fp8_dense` quantizes and which GEMMs it runs. Hashable: it is a static argument.
+
+  Attributes:
+    granularity: activation scales of the forward GEMM: "tensor" (one amax pass, then quantize) or
+      "row" (one scale per token, a single pass; frozen weights only, since the weight gradient
+      reduces over tokens).
+    backward: "fp8" (dy quantized to E5M2 with current scaling, FP8 GEMMs for dx and dW) or "bf16"
+      (XLA BF16 GEMMs on the dequantized residuals).
+    fast_accum: use Hopper's fast FP8 accumulation in the forward GEMM (the backward never does).
+    min_rows: with fewer rows than this (M = prod of x's leading axes) the layer runs XLA's BF16
+      dot instead, which is faster there; 0 always takes the FP8 path.
+  """
+
+  granularity: str = "tensor"
+  backward: str = "fp8"
+  fast_accum: bool = True
+  min_rows: int = DEFAULT_MIN_ROWS
+
+
+def _scale_vector(scale):
+  return scale.reshape(-1) if scale.ndim else scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense_trainable(x, kernel, bias, recipe, dtypes):
+  x_dtype, kernel_dtype, out_dtype = dtypes
+  xq, sx, _ = raw_quant.quantize_current(x, E4M3, False)
+  _, wq_t, sw, _ = raw_quant.quantize_transpose_current(kernel, E4M3)
+  return _gemm_2d(xq, wq_t, sx, sw, bias, out_dtype, recipe.fast_accum)
+
+
+def _dense_trainable_fwd(x, kernel, bias, recipe, dtypes):
+  out_dtype = dtypes[2]
+  xq, xq_t, sx, _ = raw_quant.quantize_transpose_current(x, E4M3)
+  wq, wq_t, sw, _ = raw_quant.quantize_transpose_current(kernel, E4M3)
+  y = _gemm_2d(xq, wq_t, sx, sw, bias, out_dtype, recipe.fast_accum)
+  return y, (xq_t, sx, wq, sw, bias)
+
+
+def _dense_trainable_bwd(recipe, dtypes, res, dy):
+  x_dtype, kernel_dtype, _ = dtypes
+  xq_t, sx, wq, sw, bias = res
+  m = dy.shape[0]
+  dx_out = x_dtype if x_dtype in OUT_DTYPES else BF16
+  dw_out = kernel_dtype if kernel_dtype in OUT_DTYPES else F32
+  if recipe.backward == "fp8":
+    dyq, dyq_t, sdy, _ = raw_quant.quantize_transpose_current(dy, E5M2)
+    dx = _gemm_2d(dyq, wq, sdy, sw, None, dx_out, False)            # (M, N) . (K, N)^T
+    dw = _gemm_2d(xq_t, dyq_t, sx, sdy, None, dw_out, False)        # (K, M) . (N, M)^T
+  else:
+    dyb = dy.astype(BF16)
+    w = reference.dequantize(wq, sw, BF16)                           # (K, N)
+    x_t = reference.dequantize(xq_t[:, :m], sx, BF16)                # (K, M)
+    dx = jnp.dot(dyb, w.T, preferred_element_type=F32)
+    dw = jnp.dot(x_t, dyb, preferred_element_type=F32)
+  db = None if bias is None else dy.astype(F32).sum(0).astype(bias.dtype)
+  return dx.astype(x_dtype), dw.astype(kernel_dtype), db
+
+
+_dense_trainable.defvjp(_dense_trainable_fwd, _dense_trainable_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dense_frozen(x, w_data, w_scale, bias, recipe, dtypes):
+  xq, sx, _ = raw_quant.quantize_current(x, E4M3, recipe.granularity == "row")
+  return _gemm_2d(xq, w_data, sx, w_scale, bias, dtypes[2], recipe.fast_accum)
+
+
+def _dense_frozen_fwd(x, w_data, w_scale, bias, recipe, dtypes):
+  return _dense_frozen(x, w_data, w_scale, bias, recipe, dtypes), (w_data, w_scale, bias)
+
+
+def _dense_frozen_bwd(recipe, dtypes, res, dy):
+  x_dtype = dtypes[0]
+  w_data, w_scale, bias = res
+  dx_out = x_dtype if x_dtype in OUT_DTYPES else BF16
+  if recipe.backward == "fp8":
+    one = jnp.ones((), F32)
+    if w_scale.ndim:  # per-channel scales lie along dx's reduction axis: fold them into dy first
+      g, g_scale = dy.astype(F32) * w_scale, one
+    else:
+      g, g_scale = dy, w_scale
+    gq, sg, _ = raw_quant.quantize_current(g, E5M2, False)
+    # The one FP8 copy is (N, K); dx needs (K, N): XLA transposes it (1 byte per parameter each way).
+    dx = _gemm_2d(gq, w_data.T, sg, g_scale, None, dx_out, False)
+  else:
+    w = reference.dequantize(w_data, w_scale[:, None] if w_scale.ndim else w_scale, BF16)  # (N, K)
+    dx = jnp.dot(dy.astype(BF16), w, preferred_element_type=F32)
+  db = None if bias is None else dy.astype(F32).sum(0).astype(bias.dtype)
+  return dx.astype(x_dtype), None, None, db
+
+
+_dense_frozen.defvjp(_dense_frozen_fwd, _dense_frozen_bwd)
+
+
+def _dense_xla(x, kernel, bias):
+  """The small-shape route: XLA's dot in x's dtype (BF16 for BF16 activations)."""
+  if isinstance(kernel, Fp8Weight):
+    w = jax.lax.stop_gradient(kernel).dequantize(x.dtype)
+  else:
+    w = kernel.astype(x.dtype)
+  y = jnp.dot(x, w, preferred_element_type=F32)
+  if bias is not None:
+    y = y + bias.astype(F32)
+  return y.astype(x.dtype)
+
+
+def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
+  """y = x @ kernel [+ bias] with an FP8 GEMM: the differentiable layer op.
+
+  Args:
+    x: (..., K) bfloat16, float32 or float16 activations; leading axes are flattened into M.
+    kernel: either a trainable (K, N) float kernel (the Flax layout), quantized per tensor on each
+      call (backward gives dx and dW), or a frozen `Fp8Weight` (backward gives dx only; its
+      gradient is None and never computed).
+    bias: optional (N,) float; its gradient is dy summed over M.
+    recipe: `Fp8Recipe`; default per-tensor current scaling, FP8 backward.
+
+  Returns:
+    (..., N) in x's dtype.
+
+  K and N not multiples of 16 (cuBLASLt FP8 alignment), or fewer than `recipe.min_rows` rows, take
+  the XLA path (`x @ kernel` in x's dtype) instead of FP8.
+  """
+  op = "fp8_dense"
+  recipe = recipe or Fp8Recipe()
+  _checks.choice(op, "recipe.granularity", recipe.granularity, ("tensor", "row"))
+  _checks.choice(op, "recipe.backward", recipe.backward, ("fp8", "bf16"))
+  _checks.array(op, "x", x, _checks.FLOAT_DTYPES)
+  frozen = isinstance(kernel, Fp8Weight)
+  if frozen:
+    _checks.array(op, "kernel.data", kernel.data, (E4M3,), rank=2)
+    _checks.scale(op, "kernel.scale", kernel.scale, ((), (kernel.data.shape[0],)))
+  else:
+    _checks.array(op, "kernel", kernel, _checks.FLOAT_DTYPES, rank=2)
+    if recipe.granularity == "row":
+      raise ValueError(f"{op}: recipe.granularity='row' needs a frozen Fp8Weight kernel (the weight "
+                       "gradient of a trainable kernel reduces over tokens); use 'tensor'")
+  k, n = kernel.shape
+  if x.shape[-1] != k:
+    raise ValueError(f"{op}: kernel must have shape ({x.shape[-1]}, N) to match x {x.shape}; got {kernel.shape}")
+  if bias is not None:
+    _checks.array(op, "bias", bias, _checks.FLOAT_DTYPES, rank=1)
+    if bias.shape != (n,):
+      raise ValueError(f"{op}: bias must have shape ({n},), got {bias.shape}")
+  m = 1
+  for d in x.shape[:-1]:
+    m *= d
+  if m < recipe.min_rows or k % 16 or n % 16:
+    return _dense_xla(x, kernel, bias)
+  x_dtype = jnp.dtype(x.dtype)
+  out_dtype = x_dtype if x_dtype in OUT_DTYPES else BF16
+  x2 = x.reshape(m, k)
+  if frozen:
+    y = _dense_frozen(x2, kernel.data, kernel.scale, bias, recipe, (x_dtype, E4M3, out_dtype))
+  else:
+    y = _dense_trainable(x2, kernel, bias, recipe, (x_dtype, jnp.dtype(kernel.dtype), out_dtype))
+  return y.astype(x_dtype).reshape(x.shape[:-1] + (n,))

@@ -1,0 +1,89 @@
+"""Pure-JAX definitions of every flashrt_jax op: the specification and the test oracle.
+
+The CPU and CUDA handlers compute the same functions; quantization matches bit for bit, GEMMs to
+fp32 accumulation order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FP8_MAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.float8_e5m2): 57344.0}
+AMAX_FLOOR = 1e-12  # an all-zero tensor gets scale AMAX_FLOOR / fp8_max instead of 0
+
+
+def fp8_max(dtype) -> float:
+  return FP8_MAX[jnp.dtype(dtype)]
+
+
+def amax(x, granularity: str = "tensor"):
+  """max |x| over the tensor () or over each row of the last axis (..., 1); NaN propagates."""
+  ax = jnp.abs(x.astype(jnp.float32))
+  return jnp.max(ax) if granularity == "tensor" else jnp.max(ax, axis=-1, keepdims=True)
+
+
+def scale_from_amax(amax_value, dtype):
+  """Current scaling: max(amax, AMAX_FLOOR) / fp8_max, with NaN and inf amax kept as they are."""
+  floored = jnp.where(amax_value > AMAX_FLOOR, amax_value,
+                      jnp.where(jnp.isnan(amax_value), amax_value, jnp.float32(AMAX_FLOOR)))
+  return floored / jnp.float32(fp8_max(dtype))
+
+
+def quantize_with_scale(x, scale, dtype):
+  """q = saturate(round_nearest_even(x * (1 / scale))) in float32 arithmetic."""
+  inv = jnp.float32(1.0) / scale.astype(jnp.float32)
+  m = fp8_max(dtype)
+  return jnp.clip(x.astype(jnp.float32) * inv, -m, m).astype(dtype)
+
+
+def quantize(x, *, dtype=jnp.float8_e4m3fn, scale=None, granularity: str = "tensor"):
+  """x (..., K) float -> (q (..., K) dtype, scale () or (..., 1) float32); scale=None: current scaling."""
+  if scale is None:
+    scale = scale_from_amax(amax(x, granularity), dtype)
+  return quantize_with_scale(x, scale, dtype), scale
+
+
+def quantize_transpose(x, *, dtype=jnp.float8_e4m3fn, scale=None):
+  """x (M, K) -> (q (M, K), q_t (K, M rounded up to 16) zero padded, scale ())."""
+  q, scale = quantize(x, dtype=dtype, scale=scale)
+  m = x.shape[0]
+  pad = -(-m // 16) * 16 - m
+  q_t = jnp.pad(q.T.astype(jnp.float32), ((0, 0), (0, pad))).astype(dtype)
+  return q, q_t, scale
+
+
+def dequantize(q, scale, dtype=jnp.bfloat16):
+  """q (..., K) FP8, scale () or (..., 1) float32 -> q * scale in dtype."""
+  return (q.astype(jnp.float32) * scale).astype(dtype)
+
+
+def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, bias=None):
+  """(a (..., K) * a_scale) @ (b (N, K) * b_scale)^T [+ bias], fp32 accumulation.
+
+  a_scale: () or (..., 1) (per row of a); b_scale: () or (N,) (per row of b).
+  """
+  acc = jnp.einsum("...k,nk->...n", a.astype(jnp.float32), b.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  out = acc * a_scale * b_scale
+  if bias is not None:
+    out = out + bias.astype(jnp.float32)
+  return out.astype(out_dtype)
+
+
+def fp8_dense(x, kernel, bias=None, *, granularity: str = "tensor", out_dtype=None):
+  """The FP8 layer's forward numerics: y = quantize(x) @ quantize(kernel) [+ bias].
+
+  x (..., K) float; kernel (K, N) float, quantized per tensor; bias (N,) or None.
+  """
+  out_dtype = out_dtype or x.dtype
+  xq, sx = quantize(x, granularity=granularity)
+  wq, sw = quantize(kernel)
+  return fp8_gemm(xq, sx, wq.T, sw, out_dtype=out_dtype, bias=bias)
+
+
+def fp8_dense_frozen(x, w_data, w_scale, bias=None, *, granularity: str = "tensor", out_dtype=None):
+  """Forward numerics with a frozen FP8 weight: w_data (N, K) float8_e4m3fn, w_scale () or (N,)."""
+  out_dtype = out_dtype or x.dtype
+  xq, sx = quantize(x, granularity=granularity)
+  return fp8_gemm(xq, sx, w_data, w_scale, out_dtype=out_dtype, bias=bias)
