@@ -1,0 +1,77 @@
+"""Timing and result files shared by the benchmarks.
+
+Timing excludes Python dispatch: one jitted program applies the op to R distinct input sets (so
+nothing is hoisted or cached across repetitions, and small problems rotate through more than L2's
+50 MB), it is dispatched back to back several times, and the median over repeats of wall time per op
+is reported. Inputs are random, never zeros, and passed as arguments (closed-over arrays would be
+constant-folded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import numpy as np
+
+L2_BYTES = 50 << 20
+
+
+def copies_for(bytes_per_set: int, max_copies: int = 16) -> int:
+  """Input sets to rotate through so that they do not all fit in L2 (at least 2)."""
+  return int(max(2, min(max_copies, -(-4 * L2_BYTES // max(bytes_per_set, 1)))))
+
+
+def time_op(fn, input_sets, *, repeats: int = 5, target_s: float = 0.03) -> float:
+  """Median seconds per call of fn(*inputs) over the rotated input sets."""
+  many = jax.jit(lambda sets: [fn(*s) for s in sets])
+  jax.block_until_ready(many(input_sets))  # compile + warm up
+  t0 = time.perf_counter()
+  jax.block_until_ready(many(input_sets))
+  once = time.perf_counter() - t0
+  calls = max(1, int(target_s / max(once, 1e-6)))
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(calls):
+      out = many(input_sets)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / (calls * len(input_sets)))
+  return statistics.median(samples)
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return d.device_kind if d.platform != "cpu" else f"cpu-{platform.machine()}"
+
+
+def results_dir(gpu_tag: str | None = None) -> str:
+  tag = gpu_tag or ("h100" if "H100" in device_name() else device_name().lower().replace(" ", "_"))
+  path = os.path.join(os.path.dirname(__file__), "results", tag)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str) -> None:
+  payload = {"device": device_name(), "jax": jax.__version__, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+             **payload}
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(payload, f, indent=1, default=float)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(markdown)
+
+
+def random_normal(key, shape, dtype, scale=1.0):
+  return (jax.random.normal(key, shape, jax.numpy.float32) * scale).astype(dtype)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, (float, np.floating)) else str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,325 @@
+"""FP8 GEMM and fp8_dense against what a JAX user has today, on the pi0.5 shapes of DESIGN.md.
+
+Sections (each timed side by side in this one process):
+  raw       fp8_gemm vs XLA's native FP8 dot (weight (N, K) and (K, N)) and XLA BF16 jnp.dot
+  forward   fp8_dense vs XLA BF16, Flax's FP8 layer (nn.Fp8DirectDotGeneralOp) and a pure-JAX FP8 layer
+  backward  forward + backward of the same
+  crossover fp8_dense vs XLA BF16 over small M: where the FP8 path starts to pay
+  accuracy  forward error vs float32 for fast_accum on/off and per-tensor vs per-row scaling
+  memory    device bytes held by a frozen FP8 weight, per parameter
+
+Usage: python benchmarks/gemm.py [--sections raw,forward,...] [--quick]
+Writes benchmarks/results/<gpu>/gemm.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import flashrt_jax as fr  # noqa: E402
+
+BF16, E4M3 = jnp.bfloat16, jnp.float8_e4m3fn
+NK = (((1,), (1,)), ((), ()))  # contract x's K with a (N, K) weight's K
+KN = (((1,), (0,)), ((), ()))
+ALWAYS_FP8 = fr.Fp8Recipe(min_rows=0)
+
+# (M, K, N): pi0.5 backbone at B=32 (M=30976) and B=4 (3872), action expert (1600, 200), inference.
+TRAIN_SHAPES = [(m, k, n) for m in (30976, 3872) for k, n in ((2048, 2048), (2048, 512), (2048, 16384), (16384, 2048))]
+TRAIN_SHAPES += [(m, k, n) for m in (1600, 200) for k, n in ((1024, 4096), (4096, 1024))]
+TRAIN_SHAPES += [(8192, 8192, 8192)]
+INFER_SHAPES = [(968, 2048, 2048), (968, 2048, 16384), (968, 16384, 2048), (50, 1024, 4096), (50, 4096, 1024)]
+RAW_SHAPES = [(30976, 2048, 16384), (30976, 16384, 2048), (3872, 2048, 16384), (8192, 8192, 8192)]
+
+
+# --- the layers under comparison -----------------------------------------------------------
+
+def xla_bf16(x, w):
+  return jnp.dot(x, w)
+
+
+def pure_jax_fp8(x, wq_nk, sw, rowwise=False):
+  """The best pure-JAX FP8 layer: weight stored (N, K) FP8, activation current-scaled with jnp ops."""
+  xf = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True) if rowwise else jnp.max(jnp.abs(xf))
+  sx = jnp.maximum(amax, 1e-12) / 448.0
+  xq = jnp.clip(xf / sx, -448, 448).astype(E4M3)
+  y = jax.lax.dot_general(xq, wq_nk, NK, preferred_element_type=jnp.float32)
+  return (y * (sx * sw)).astype(BF16)  # per-token scales cannot enter XLA's GEMM: rescale after
+
+
+def flax_fp8_layer(n):
+  import flax.linen as nn
+  op = getattr(nn, "Fp8DirectDotGeneralOp", None)
+  if op is None:
+    return None
+  return nn.Dense(n, use_bias=False, dtype=BF16, param_dtype=BF16, dot_general_cls=op)
+
+
+def make_inputs(m, k, n, seed=0):
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = common.random_normal(kx, (m, k), BF16)
+  w = common.random_normal(kw, (k, n), BF16, 0.02)
+  return x, w
+
+
+def rotated(sets_fn, bytes_per_set, max_copies=16):
+  return [sets_fn(i) for i in range(common.copies_for(bytes_per_set, max_copies))]
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+def bench_raw(shapes):
+  rows = []
+  for m, k, n in shapes:
+    def one(i):
+      x, w = make_inputs(m, k, n, i)
+      aq, sa = fr.quantize(x)
+      bq, sb = fr.quantize(w.T)
+      return aq, sa, bq, sb, bq.T
+    sets = rotated(one, m * k + k * n + 2 * m * n, 4)
+    t = {
+        "flashrt fp8_gemm": common.time_op(lambda aq, sa, bq, sb, bkn: fr.fp8_gemm(aq, sa, bq, sb), sets),
+        "xla fp8 (N,K)": common.time_op(
+            lambda aq, sa, bq, sb, bkn: (jax.lax.dot_general(aq, bq, NK, preferred_element_type=BF16)
+                                         * (sa * sb).astype(BF16)), sets),
+        "xla fp8 (K,N)": common.time_op(
+            lambda aq, sa, bq, sb, bkn: (jax.lax.dot_general(aq, jax.lax.optimization_barrier(bkn), KN,
+                                                             preferred_element_type=BF16)
+                                         * (sa * sb).astype(BF16)), sets),
+    }
+    bf_sets = rotated(lambda i: make_inputs(m, k, n, i), 2 * (m * k + k * n + m * n), 4)
+    t["xla bf16"] = common.time_op(xla_bf16, bf_sets)
+    flops = 2 * m * k * n
+    rows.append({"shape": [m, k, n], "us": {v: s * 1e6 for v, s in t.items()},
+                 "tflops": {v: flops / s / 1e12 for v, s in t.items()}})
+    print(f"raw {m}x{k}x{n}: " + ", ".join(f"{v} {flops / s / 1e12:.0f}" for v, s in t.items()) + " TFLOP/s",
+          flush=True)
+  return rows
+
+
+def _layer_variants(m, k, n, backward: bool):
+  """name -> (fn, input-set builder, flops)."""
+  fwd_flops, train_flops, dx_flops = 2 * m * k * n, 6 * m * k * n, 4 * m * k * n
+  layer = flax_fp8_layer(n)
+
+  def dense_sets(i):
+    x, w = make_inputs(m, k, n, i)
+    return x, w, common.random_normal(jax.random.key(100 + i), (m, n), BF16)
+
+  def frozen_sets(i):
+    x, w = make_inputs(m, k, n, i)
+    wf = fr.Fp8Weight.from_kernel(w)
+    return x, wf, common.random_normal(jax.random.key(100 + i), (m, n), BF16)
+
+  def flax_sets(i):
+    x, w = make_inputs(m, k, n, i)
+    params = layer.init(jax.random.key(i), x)
+    params = jax.tree_util.tree_map(lambda p: p, params)
+    params["params"]["kernel"] = w
+    return x, params, common.random_normal(jax.random.key(100 + i), (m, n), BF16)
+
+  frozen_row = fr.Fp8Recipe(min_rows=0, granularity="row")
+  v = {}
+  if not backward:
+    v["flashrt fp8_dense trainable"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), dense_sets, fwd_flops)
+    v["flashrt fp8_dense frozen"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), frozen_sets, fwd_flops)
+    v["flashrt fp8_dense frozen row"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=frozen_row), frozen_sets, fwd_flops)
+    v["xla bf16"] = (lambda x, w, ct: xla_bf16(x, w), dense_sets, fwd_flops)
+    v["pure-jax fp8 frozen"] = (lambda x, w, ct: pure_jax_fp8(x, w.data, w.scale), frozen_sets, fwd_flops)
+    v["pure-jax fp8 frozen row"] = (lambda x, w, ct: pure_jax_fp8(x, w.data, w.scale, True), frozen_sets, fwd_flops)
+    if layer is not None:
+      v["flax fp8 layer"] = (lambda x, p, ct: layer.apply(p, x), flax_sets, fwd_flops)
+  else:
+    def grads(f, argnums):
+      return lambda x, w, ct: jax.vjp(lambda *a: f(*a), *((x, w) if argnums == 2 else (x,)))[1](ct) if argnums == 2 \
+          else jax.vjp(lambda x_: f(x_, w), x)[1](ct)
+    v["flashrt trainable dx+dW"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), 2), dense_sets, train_flops)
+    v["flashrt frozen dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), 1), frozen_sets, dx_flops)
+    v["flashrt frozen row dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=frozen_row), 1), frozen_sets, dx_flops)
+    v["xla bf16 dx+dW"] = (grads(xla_bf16, 2), dense_sets, train_flops)
+    v["xla bf16 dx"] = (grads(xla_bf16, 1), dense_sets, dx_flops)
+    v["pure-jax fp8 frozen dx"] = (grads(lambda x, w: pure_jax_fp8(x, w.data, w.scale), 1), frozen_sets, dx_flops)
+    if layer is not None:
+      v["flax fp8 layer dx+dW"] = (grads(lambda x, p: layer.apply(p, x), 2), flax_sets, train_flops)
+  return v
+
+
+def bench_layers(shapes, backward: bool):
+  rows = []
+  for m, k, n in shapes:
+    bytes_per_set = 2 * (m * k + k * n + 2 * m * n)
+    t, tflops = {}, {}
+    for name, (fn, sets_fn, flops) in _layer_variants(m, k, n, backward).items():
+      s = common.time_op(fn, rotated(sets_fn, bytes_per_set, 8))
+      t[name], tflops[name] = s * 1e6, flops / s / 1e12
+    rows.append({"shape": [m, k, n], "us": t, "tflops": tflops})
+    base = "xla bf16 dx+dW" if backward else "xla bf16"
+    print(f"{'fwd+bwd' if backward else 'fwd'} {m}x{k}x{n}: "
+          + ", ".join(f"{v} {t[base] / s:.2f}x" for v, s in t.items()), flush=True)
+  return rows
+
+
+def bench_crossover(ms, kns):
+  rows = []
+  for k, n in kns:
+    for m in ms:
+      bytes_per_set = 2 * (m * k + k * n + m * n)
+      def dense_sets(i):
+        return make_inputs(m, k, n, i)
+      def frozen_sets(i):
+        x, w = make_inputs(m, k, n, i)
+        return x, fr.Fp8Weight.from_kernel(w)
+      t = {"xla bf16": common.time_op(xla_bf16, rotated(dense_sets, bytes_per_set)),
+           "fp8 trainable": common.time_op(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8),
+                                           rotated(dense_sets, bytes_per_set)),
+           "fp8 frozen": common.time_op(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8),
+                                        rotated(frozen_sets, bytes_per_set))}
+      rows.append({"m": m, "k": k, "n": n, "us": {v: s * 1e6 for v, s in t.items()}})
+      print(f"crossover {m}x{k}x{n}: " + ", ".join(f"{v} {s * 1e6:.1f}us" for v, s in t.items()), flush=True)
+  return rows
+
+
+def crossover_rows(rows, variant):
+  """Smallest M from which the FP8 variant is at least as fast as BF16 at every larger M and (K, N)."""
+  ms = sorted({r["m"] for r in rows})
+  ok = {m: all(r["us"][variant] <= r["us"]["xla bf16"] for r in rows if r["m"] == m) for m in ms}
+  best = None
+  for m in reversed(ms):
+    if not ok[m]:
+      break
+    best = m
+  return best
+
+
+def bench_accuracy(m=3872, k=2048, n=2048):
+  x, w = make_inputs(m, k, n, 7)
+  exact = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  rel = lambda y: float(jnp.linalg.norm(y.astype(jnp.float32) - exact) / jnp.linalg.norm(exact))
+  out = {"shape": [m, k, n], "xla bf16": rel(jnp.dot(x, w))}
+  for fast in (True, False):
+    out[f"trainable tensor fast_accum={fast}"] = rel(fr.fp8_dense(x, w, recipe=fr.Fp8Recipe(min_rows=0, fast_accum=fast)))
+    for g in ("tensor", "row"):
+      for wg in ("tensor", "channel"):
+        wf = fr.Fp8Weight.from_kernel(w, granularity=wg)
+        y = fr.fp8_dense(x, wf, recipe=fr.Fp8Recipe(min_rows=0, fast_accum=fast, granularity=g))
+        out[f"frozen x:{g} w:{wg} fast_accum={fast}"] = rel(y)
+  for name, val in out.items():
+    if name != "shape":
+      print(f"accuracy {name}: rel err {val:.2e}", flush=True)
+  return out
+
+
+def bench_memory(k=16384, n=2048):
+  dev = jax.devices()[0]
+  stats = lambda: dev.memory_stats()["bytes_in_use"]
+  base = stats()
+  w = common.random_normal(jax.random.key(0), (k, n), BF16)
+  jax.block_until_ready(w)
+  with_kernel = stats()
+  wf = jax.block_until_ready(fr.Fp8Weight.from_kernel(w))
+  del w
+  frozen = stats() - base
+  out = {"params": k * n, "bf16 kernel bytes/param": (with_kernel - base) / (k * n),
+         "frozen Fp8Weight bytes/param": frozen / (k * n)}
+  print(f"memory: {out}", flush=True)
+  del wf
+  return out
+
+
+def write_report(results, out_dir):
+  md = [f"# FP8 GEMM benchmarks ({common.device_name()}, jax {jax.__version__})\n",
+        "Times are medians per call with Python dispatch excluded (benchmarks/common.py). "
+        "Speed-up = XLA BF16 time / variant time.\n"]
+  if "raw" in results:
+    md.append("\n## Raw GEMM (TFLOP/s)\n")
+    names = list(results["raw"][0]["tflops"])
+    md.append(common.md_table(["M×K×N"] + names + ["fp8_gemm / xla fp8 (N,K)"],
+                              [["×".join(map(str, r["shape"]))] + [r["tflops"][v] for v in names]
+                               + [r["tflops"]["flashrt fp8_gemm"] / r["tflops"]["xla fp8 (N,K)"]] for r in results["raw"]]))
+  for sec, base in (("forward", "xla bf16"), ("backward", "xla bf16 dx+dW")):
+    if sec in results:
+      names = list(results[sec][0]["us"])
+      md.append(f"\n## {'Forward' if sec == 'forward' else 'Forward + backward'}: µs (speed-up over {base})\n")
+      md.append(common.md_table(["M×K×N"] + names, [["×".join(map(str, r["shape"]))] + [
+          f"{r['us'][v]:.0f} ({r['us'][base] / r['us'][v]:.2f}×)" for v in names] for r in results[sec]]))
+  if "crossover" in results:
+    md.append("\n## Crossover: fp8_dense vs XLA BF16 forward at small M (µs)\n")
+    md.append(common.md_table(["M", "K", "N", "xla bf16", "fp8 trainable", "fp8 frozen"],
+                              [[r["m"], r["k"], r["n"]] + [r["us"][v] for v in ("xla bf16", "fp8 trainable", "fp8 frozen")]
+                               for r in results["crossover"]]))
+    md.append(f"\nSmallest M from which FP8 is never slower: trainable {results['crossover_m']['fp8 trainable']}, "
+              f"frozen {results['crossover_m']['fp8 frozen']}.\n")
+  if "accuracy" in results:
+    md.append("\n## Forward accuracy: ‖y − y_fp32‖ / ‖y_fp32‖\n")
+    md.append(common.md_table(["variant", "rel error"], [[k, v] for k, v in results["accuracy"].items() if k != "shape"]))
+  if "memory" in results:
+    md.append("\n## Resident bytes per parameter (device memory stats)\n")
+    md.append(common.md_table(["what", "value"], [[k, v] for k, v in results["memory"].items()]))
+  common.write_results("gemm", results, "".join(md), out_dir)
+  plot(results, out_dir)
+
+
+def plot(results, out_dir):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  secs = [s for s in ("forward", "backward") if s in results]
+  if not secs:
+    return
+  fig, axes = plt.subplots(len(secs), 1, figsize=(14, 4.5 * len(secs)), squeeze=False)
+  for ax, sec in zip(axes[:, 0], secs):
+    base = "xla bf16" if sec == "forward" else "xla bf16 dx+dW"
+    rows = results[sec]
+    names = list(rows[0]["us"])
+    width = 0.8 / len(names)
+    for i, v in enumerate(names):
+      ax.bar(np.arange(len(rows)) + i * width, [r["us"][base] / r["us"][v] for r in rows], width, label=v)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(rows)) + 0.4, ["×".join(map(str, r["shape"])) for r in rows], rotation=30, fontsize=7)
+    ax.set_ylabel(f"speed-up over {base}")
+    ax.set_title(f"{sec} ({common.device_name()})")
+    ax.legend(fontsize=7, ncol=3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "gemm.png"), dpi=110)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--sections", default="raw,forward,backward,crossover,accuracy,memory")
+  p.add_argument("--quick", action="store_true", help="a few shapes only")
+  p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<gpu>)")
+  args = p.parse_args()
+  sections = args.sections.split(",")
+  train = TRAIN_SHAPES[:1] + TRAIN_SHAPES[-1:] if args.quick else TRAIN_SHAPES
+  infer = INFER_SHAPES[-2:] if args.quick else INFER_SHAPES
+  results = {}
+  if "raw" in sections:
+    results["raw"] = bench_raw(RAW_SHAPES[:1] if args.quick else RAW_SHAPES)
+  if "forward" in sections:
+    results["forward"] = bench_layers(train + infer, backward=False)
+  if "backward" in sections:
+    results["backward"] = bench_layers(train, backward=True)
+  if "crossover" in sections:
+    ms = (16, 64, 256, 1024) if args.quick else (16, 32, 50, 64, 128, 200, 256, 384, 512, 968, 1600)
+    kns = ((2048, 2048),) if args.quick else ((1024, 4096), (4096, 1024), (2048, 2048), (2048, 16384), (16384, 2048))
+    results["crossover"] = bench_crossover(ms, kns)
+    results["crossover_m"] = {v: crossover_rows(results["crossover"], v) for v in ("fp8 trainable", "fp8 frozen")}
+  if "accuracy" in sections:
+    results["accuracy"] = bench_accuracy()
+  if "memory" in sections:
+    results["memory"] = bench_memory()
+  write_report(results, args.out or common.results_dir())
+
+
+if __name__ == "__main__":
+  main()
