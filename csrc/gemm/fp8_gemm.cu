@@ -79,6 +79,11 @@ std::string BuildPlan(cublasLtHandle_t handle, const Fp8GemmParams& p, int align
   FR_LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &no_trans, sizeof(no_trans)));
   int8_t fast = p.fast_accum ? 1 : 0;
   FR_LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof(fast)));
+  // Vector scale modes are checked against real pointers at heuristic time; later calls reset them.
+  FR_LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p.b_scale,
+                                             sizeof(p.b_scale)));
+  FR_LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p.a_scale,
+                                             sizeof(p.a_scale)));
   if (p.vector_scales) {
     int32_t mode = CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
     FR_LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &mode, sizeof(mode)));
@@ -133,7 +138,13 @@ std::string Fp8Gemm(const Fp8GemmParams& p, cudaStream_t stream) {
     auto it = plans.find(key);
     if (it == plans.end()) {
       auto fresh = std::make_unique<Plan>();
-      if (std::string err = BuildPlan(handle, p, align_a, align_b, align_d, fresh.get()); !err.empty()) return err;
+      if (std::string err = BuildPlan(handle, p, align_a, align_b, align_d, fresh.get()); !err.empty())
+        return err + " (m=" + std::to_string(p.m) + " n=" + std::to_string(p.n) + " k=" + std::to_string(p.k) +
+               " a_dtype=" + std::to_string(static_cast<int>(p.a_dtype)) + " b_dtype=" +
+               std::to_string(static_cast<int>(p.b_dtype)) + " out_dtype=" + std::to_string(static_cast<int>(p.out_dtype)) +
+               " vector_scales=" + std::to_string(p.vector_scales) + " bias=" + std::to_string(p.bias != nullptr) +
+               " alignments a/b/out=" + std::to_string(align_a) + "/" + std::to_string(align_b) + "/" +
+               std::to_string(align_d) + ")";
       it = plans.emplace(key, std::move(fresh)).first;
     }
     plan = it->second.get();
