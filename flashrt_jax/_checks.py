@@ -42,6 +42,23 @@ def scale(op: str, name: str, s, shapes: tuple[tuple[int, ...], ...]):
       raise ValueError(f"{op}: {name} must be finite and > 0, got {v if v.size <= 8 else v.ravel()[:8]}")
 
 
+def dtype(op: str, name: str, value, allowed) -> np.dtype:
+  """`value` as a dtype, one of `allowed`; anything else (None, an unknown name) is a ValueError."""
+  try:
+    d = None if value is None else jnp.dtype(value)
+  except (TypeError, ValueError):
+    d = None
+  if d is None or d not in allowed:
+    raise ValueError(f"{op}: {name} must be {_names(allowed)}, got {value!r}")
+  return d
+
+
+def boolean(op: str, name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{op}: {name} must be a bool, got {value!r}")
+  return bool(value)
+
+
 def choice(op: str, name: str, value, allowed):
   if value not in allowed:
     raise ValueError(f"{op}: {name} must be one of {allowed}, got {value!r}")

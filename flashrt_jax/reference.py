@@ -6,6 +6,8 @@ fp32 accumulation order.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,14 +29,45 @@ def scale_from_amax(amax_value, dtype):
   """Current scaling: max(amax, AMAX_FLOOR) / fp8_max, with NaN and inf amax kept as they are."""
   floored = jnp.where(amax_value > AMAX_FLOOR, amax_value,
                       jnp.where(jnp.isnan(amax_value), amax_value, jnp.float32(AMAX_FLOOR)))
-  return floored / jnp.float32(fp8_max(dtype))
+  # XLA rewrites a / constant into a * (1 / constant), which is off by an ulp from the correctly
+  # rounded quotient the kernels compute. `floored` is never negative, so this divisor is always
+  # fp8_max, but XLA cannot fold it into a constant.
+  divisor = jnp.where(floored < 0, floored, jnp.float32(fp8_max(dtype)))
+  return floored / divisor
+
+
+def _opaque(v):
+  """v itself, behind a select that XLA cannot resolve at compile time. XLA rewrites 1 / (a / b)
+  into b / a, which rounds differently from the kernels' 1 / scale of a stored scale."""
+  return jnp.where(v < 0, -jnp.abs(v), v)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _round_to_fp8_grid(v, dtype):
+  """Rounds float32 v (|v| <= fp8_max) to the nearest value of `dtype`, ties to even, in exact steps;
+  the derivative is 1 (straight through), as for a cast.
+
+  Equal to `v.astype(dtype)` where XLA converts correctly; some XLA versions (jaxlib 0.5) convert
+  float32 to FP8 through float16, which rounds twice and misses by one step near ties.
+  """
+  info = jnp.finfo(dtype)
+  _, e = jnp.frexp(v)  # |v| = f * 2^e with f in [0.5, 1)
+  step_exp = jnp.maximum(e - 1, info.minexp) - info.nmant  # exponent of the grid spacing at v
+  step = jax.lax.bitcast_convert_type((step_exp + 127).astype(jnp.int32) << 23, jnp.float32)
+  return jnp.round(v / step) * step
+
+
+@_round_to_fp8_grid.defjvp
+def _round_to_fp8_grid_jvp(dtype, primals, tangents):
+  return _round_to_fp8_grid(primals[0], dtype), tangents[0]
 
 
 def quantize_with_scale(x, scale, dtype):
   """q = saturate(round_nearest_even(x * (1 / scale))) in float32 arithmetic."""
-  inv = jnp.float32(1.0) / scale.astype(jnp.float32)
+  inv = jnp.float32(1.0) / _opaque(scale.astype(jnp.float32))
   m = fp8_max(dtype)
-  return jnp.clip(x.astype(jnp.float32) * inv, -m, m).astype(dtype)
+  v = jnp.clip(x.astype(jnp.float32) * inv, -m, m)
+  return _round_to_fp8_grid(v, dtype).astype(dtype)  # exact in dtype: the cast cannot round again
 
 
 def quantize(x, *, dtype=jnp.float8_e4m3fn, scale=None, granularity: str = "tensor"):
@@ -82,7 +115,7 @@ def fp8_dense(x, kernel, bias=None, *, granularity: str = "tensor", out_dtype=No
   return fp8_gemm(xq, sx, wq.T, sw, out_dtype=out_dtype, bias=bias)
 
 
-def fp8_dense_frozen(x, w_data, w_scale, bias=None, *, granularity: str = "tensor", out_dtype=None):
+def fp8_dense_frozen(x, w_data, w_scale, bias=None, *, granularity: str = "row", out_dtype=None):
   """Forward numerics with a frozen FP8 weight: w_data (N, K) float8_e4m3fn, w_scale () or (N,)."""
   out_dtype = out_dtype or x.dtype
   xq, sx = quantize(x, granularity=granularity)

@@ -42,18 +42,43 @@ struct Vec {  // one 16-byte load of T
 };
 
 template <typename T>
-__global__ void AbsMaxKernel(const T* __restrict__ x, int64_t n, uint32_t* __restrict__ amax_bits) {
+__device__ __forceinline__ uint32_t VecAbsMax(const Vec<T>& v, uint32_t m) {
+#pragma unroll
+  for (int j = 0; j < Vec<T>::kSize; ++j) m = max(m, AbsBits(ToFloat(v.v[j])));
+  return m;
+}
+
+template <typename T, __nv_fp8_interpretation_t kFormat>
+__device__ __forceinline__ void StoreVecFp8(const Vec<T>& v, float inv, uint8_t* q, int64_t i) {
   constexpr int kVec = Vec<T>::kSize;
+  uint8_t out[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
+  if constexpr (kVec == 8) {
+    reinterpret_cast<uint2*>(q)[i] = *reinterpret_cast<uint2*>(out);
+  } else {
+    reinterpret_cast<uint32_t*>(q)[i] = *reinterpret_cast<uint32_t*>(out);
+  }
+}
+
+template <typename T>
+__global__ void AbsMaxKernel(const T* __restrict__ x, int64_t n, uint32_t* __restrict__ amax_bits) {
+  constexpr int kVec = Vec<T>::kSize, kUnroll = 4;  // four independent 16-byte loads in flight
   uint32_t m = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t n_vec = n / kVec;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_vec; i += stride) {
-    Vec<T> v = reinterpret_cast<const Vec<T>*>(x)[i];
+  const Vec<T>* xv = reinterpret_cast<const Vec<T>*>(x);
+  int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  for (; i + (kUnroll - 1) * stride < n_vec; i += kUnroll * stride) {
+    Vec<T> v[kUnroll];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) m = max(m, AbsBits(ToFloat(v.v[j])));
+    for (int u = 0; u < kUnroll; ++u) v[u] = xv[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) m = VecAbsMax(v[u], m);
   }
-  for (int64_t i = n_vec * kVec + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += stride)
-    m = max(m, AbsBits(ToFloat(x[i])));
+  for (; i < n_vec; i += stride) m = VecAbsMax(xv[i], m);
+  for (int64_t e = n_vec * kVec + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n; e += stride)
+    m = max(m, AbsBits(ToFloat(x[e])));
   m = __reduce_max_sync(0xFFFFFFFFu, m);
   __shared__ uint32_t warp_max[kThreads / 32];
   if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
@@ -81,22 +106,28 @@ __global__ void QuantizeTensorKernel(const T* __restrict__ x, int64_t n, const f
     scale_out[0] = ScaleFromAmax(__uint_as_float(*amax_bits), fmax);
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if ((i + 1) * kVec <= n) {
-    Vec<T> v = reinterpret_cast<const Vec<T>*>(x)[i];
-    uint8_t out[kVec];
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
-    if constexpr (kVec == 8) {
-      reinterpret_cast<uint2*>(q)[i] = *reinterpret_cast<uint2*>(out);
-    } else {
-      reinterpret_cast<uint32_t*>(q)[i] = *reinterpret_cast<uint32_t*>(out);
-    }
+    StoreVecFp8<T, kFormat>(reinterpret_cast<const Vec<T>*>(x)[i], inv, q, i);
   } else {
     for (int64_t e = i * kVec; e < n; ++e) q[e] = ToFp8<kFormat>(__fmul_rn(ToFloat(x[e]), inv));
   }
 }
 
-// One warp per row: amax of the row, then the row's quantization (its second read hits L1/L2).
-template <typename T, __nv_fp8_interpretation_t kFormat>
+// Row scale from the warp's partial amax; lane 0 records it. Returns 1 / scale.
+__device__ __forceinline__ float RowInvScale(uint32_t m, int lane, int64_t row, float fmax, float* scale_out,
+                                             float* amax_out) {
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, fmax);
+  if (lane == 0) {
+    scale_out[row] = scale;
+    amax_out[row] = amax;
+  }
+  return __frcp_rn(scale);
+}
+
+// One warp per row. Rows of at most 32 * kCache 16-byte vectors are read once into registers, reduced
+// and quantized from there; longer rows (or rows not a whole number of vectors) take a second read,
+// which hits L1/L2.
+template <typename T, __nv_fp8_interpretation_t kFormat, int kCache>
 __global__ void QuantizeRowsKernel(const T* __restrict__ x, int64_t rows, int64_t cols, const float* scale_in,
                                    float fmax, uint8_t* __restrict__ q, float* scale_out, float* amax_out) {
   constexpr int kVec = Vec<T>::kSize;
@@ -105,42 +136,39 @@ __global__ void QuantizeRowsKernel(const T* __restrict__ x, int64_t rows, int64_
   if (row >= rows) return;
   const T* xr = x + row * cols;
   uint8_t* qr = q + row * cols;
+  const Vec<T>* xv = reinterpret_cast<const Vec<T>*>(xr);
+  const int64_t n_vec = cols / kVec;
+  if (cols % kVec == 0 && n_vec <= 32 * kCache) {
+    Vec<T> cache[kCache];
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < kCache; ++j) {
+      if (lane + 32 * j < n_vec) {
+        cache[j] = xv[lane + 32 * j];
+        m = VecAbsMax(cache[j], m);
+      }
+    }
+    const float inv = scale_in != nullptr ? __frcp_rn(scale_in[row]) : RowInvScale(m, lane, row, fmax, scale_out, amax_out);
+#pragma unroll
+    for (int j = 0; j < kCache; ++j)
+      if (lane + 32 * j < n_vec) StoreVecFp8<T, kFormat>(cache[j], inv, qr, lane + 32 * j);
+    return;
+  }
   const bool vec_ok = cols % kVec == 0;
-  float scale;
+  float inv;
   if (scale_in != nullptr) {
-    scale = scale_in[row];
+    inv = __frcp_rn(scale_in[row]);
   } else {
     uint32_t m = 0;
     if (vec_ok) {
-      for (int64_t i = lane; i < cols / kVec; i += 32) {
-        Vec<T> v = reinterpret_cast<const Vec<T>*>(xr)[i];
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) m = max(m, AbsBits(ToFloat(v.v[j])));
-      }
+      for (int64_t i = lane; i < n_vec; i += 32) m = VecAbsMax(xv[i], m);
     } else {
       for (int64_t i = lane; i < cols; i += 32) m = max(m, AbsBits(ToFloat(xr[i])));
     }
-    m = __reduce_max_sync(0xFFFFFFFFu, m);
-    float amax = __uint_as_float(m);
-    scale = ScaleFromAmax(amax, fmax);
-    if (lane == 0) {
-      scale_out[row] = scale;
-      amax_out[row] = amax;
-    }
+    inv = RowInvScale(m, lane, row, fmax, scale_out, amax_out);
   }
-  const float inv = __frcp_rn(scale);
   if (vec_ok) {
-    for (int64_t i = lane; i < cols / kVec; i += 32) {
-      Vec<T> v = reinterpret_cast<const Vec<T>*>(xr)[i];
-      uint8_t out[kVec];
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
-      if constexpr (kVec == 8) {
-        reinterpret_cast<uint2*>(qr)[i] = *reinterpret_cast<uint2*>(out);
-      } else {
-        reinterpret_cast<uint32_t*>(qr)[i] = *reinterpret_cast<uint32_t*>(out);
-      }
-    }
+    for (int64_t i = lane; i < n_vec; i += 32) StoreVecFp8<T, kFormat>(xv[i], inv, qr, i);
   } else {
     for (int64_t i = lane; i < cols; i += 32) qr[i] = ToFp8<kFormat>(__fmul_rn(ToFloat(xr[i]), inv));
   }
@@ -209,9 +237,10 @@ cudaError_t Launch(const QuantizeParams& p, cudaStream_t stream) {
   if (p.granularity == Granularity::kRow) {
     const int rows_per_block = kThreads / 32;
     const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
+    // Rows that fit 8 vectors a lane keep registers (and occupancy) lower than the 16-vector kernel.
+    auto kernel = p.cols <= 32 * 8 * Vec<T>::kSize ? QuantizeRowsKernel<T, kFormat, 8> : QuantizeRowsKernel<T, kFormat, 16>;
     if (blocks > 0)
-      QuantizeRowsKernel<T, kFormat><<<blocks, kThreads, 0, stream>>>(x, p.rows, p.cols, p.scale_in, fmax, q,
-                                                                      p.scale_out, p.amax_out);
+      kernel<<<blocks, kThreads, 0, stream>>>(x, p.rows, p.cols, p.scale_in, fmax, q, p.scale_out, p.amax_out);
     return cudaGetLastError();
   }
   uint32_t* amax_bits = nullptr;

@@ -98,12 +98,13 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype=jnp.bfloat16, bias=None, fast_
     raise ValueError(f"{op}: K and N must be multiples of 16 for cuBLASLt FP8, got K={k}, N={n}")
   _checks.scale(op, "a_scale", a_scale, ((), a.shape[:-1] + (1,)))
   _checks.scale(op, "b_scale", b_scale, ((), (n,)))
-  _checks.choice(op, "out_dtype", jnp.dtype(out_dtype), OUT_DTYPES)
+  out_dtype = _checks.dtype(op, "out_dtype", out_dtype, OUT_DTYPES)
+  fast_accum = _checks.boolean(op, "fast_accum", fast_accum)
   if bias is not None:
     _checks.array(op, "bias", bias, _checks.FLOAT_DTYPES, rank=1)
     if bias.shape != (n,):
       raise ValueError(f"{op}: bias must have shape ({n},), got {bias.shape}")
-  return _fp8_gemm(a, a_scale, b, b_scale, bias, jnp.dtype(out_dtype), bool(fast_accum))
+  return _fp8_gemm(a, a_scale, b, b_scale, bias, out_dtype, fast_accum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +158,11 @@ class Fp8Recipe:
   """How `fp8_dense` quantizes and which GEMMs it runs. Hashable: it is a static argument.
 
   Attributes:
-    granularity: activation scales of the forward GEMM: "tensor" (one amax pass, then quantize) or
-      "row" (one scale per token, a single pass; frozen weights only, since the weight gradient
-      reduces over tokens).
+    granularity: activation scales of the forward GEMM: "tensor" (an amax pass, then the quantize
+      pass) or "row" (one scale per token in a single pass, applied in cuBLASLt's epilogue through its
+      outer-vector scale mode; frozen weights only, since a weight gradient reduces over tokens).
+      None (default) picks "row" for a frozen weight and "tensor" for a trainable one: on the H100,
+      per-token scaling is as accurate and faster (benchmarks/results/h100/gemm.md).
     backward: "fp8" (dy quantized to E5M2 with current scaling, FP8 GEMMs for dx and dW) or "bf16"
       (XLA BF16 GEMMs on the dequantized residuals).
     fast_accum: use Hopper's fast FP8 accumulation in the forward GEMM (the backward never does).
@@ -167,10 +170,18 @@ class Fp8Recipe:
       dot instead, which is faster there; 0 always takes the FP8 path.
   """
 
-  granularity: str = "tensor"
+  granularity: str | None = None
   backward: str = "fp8"
   fast_accum: bool = True
   min_rows: int = DEFAULT_MIN_ROWS
+
+  def __post_init__(self):
+    op = "Fp8Recipe"
+    _checks.choice(op, "granularity", self.granularity, (None, "tensor", "row"))
+    _checks.choice(op, "backward", self.backward, ("fp8", "bf16"))
+    _checks.boolean(op, "fast_accum", self.fast_accum)
+    if not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool) or self.min_rows < 0:
+      raise ValueError(f"{op}: min_rows must be an int >= 0, got {self.min_rows!r}")
 
 
 def _scale_vector(scale):
@@ -279,11 +290,13 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
   the XLA path (`x @ kernel` in x's dtype) instead of FP8.
   """
   op = "fp8_dense"
-  recipe = recipe or Fp8Recipe()
-  _checks.choice(op, "recipe.granularity", recipe.granularity, ("tensor", "row"))
-  _checks.choice(op, "recipe.backward", recipe.backward, ("fp8", "bf16"))
+  recipe = Fp8Recipe() if recipe is None else recipe
+  if not isinstance(recipe, Fp8Recipe):  # its fields are checked when it is built
+    raise TypeError(f"{op}: recipe must be an Fp8Recipe or None, got {recipe!r}")
   _checks.array(op, "x", x, _checks.FLOAT_DTYPES)
   frozen = isinstance(kernel, Fp8Weight)
+  if recipe.granularity is None:
+    recipe = dataclasses.replace(recipe, granularity="row" if frozen else "tensor")
   if frozen:
     _checks.array(op, "kernel.data", kernel.data, (E4M3,), rank=2)
     _checks.scale(op, "kernel.scale", kernel.scale, ((), (kernel.data.shape[0],)))

@@ -57,12 +57,12 @@ def quantize(x, *, dtype=jnp.float8_e4m3fn, scale=None, granularity: str = "tens
   """
   op = "quantize"
   _checks.array(op, "x", x, _checks.FLOAT_DTYPES)
-  _checks.choice(op, "dtype", jnp.dtype(dtype), _checks.FP8_DTYPES)
+  dtype = _checks.dtype(op, "dtype", dtype, _checks.FP8_DTYPES)
   _checks.choice(op, "granularity", granularity, GRANULARITIES)
   if scale is not None:
     _checks.scale(op, "scale", scale, ((), x.shape[:-1] + (1,)))
     granularity = "row" if scale.ndim else "tensor"
-  return _quantize(x, scale, jnp.dtype(dtype), granularity)
+  return _quantize(x, scale, dtype, granularity)
 
 
 def _quantize_t_impl(x, scale, dtype):
@@ -104,18 +104,19 @@ def quantize_transpose(x, *, dtype=jnp.float8_e4m3fn, scale=None):
   """
   op = "quantize_transpose"
   _checks.array(op, "x", x, _checks.FLOAT_DTYPES, rank=2)
-  _checks.choice(op, "dtype", jnp.dtype(dtype), _checks.FP8_DTYPES)
+  dtype = _checks.dtype(op, "dtype", dtype, _checks.FP8_DTYPES)
   if scale is not None:
     _checks.scale(op, "scale", scale, ((),))
-  return _quantize_t(x, scale, jnp.dtype(dtype))
+  return _quantize_t(x, scale, dtype)
 
 
 def dequantize(q, scale, dtype=jnp.bfloat16):
-  """q (..., K) FP8 and scale () or (..., 1) float32 -> q * scale as dtype.
+  """q (..., K) FP8 and scale () or (..., 1) float32 -> q * scale as dtype (float32, bfloat16 or float16).
 
   A plain XLA elementwise expression, so XLA fuses it into whatever consumes it.
   """
   op = "dequantize"
   _checks.array(op, "q", q, _checks.FP8_DTYPES)
   _checks.scale(op, "scale", scale, ((), q.shape[:-1] + (1,)))
+  dtype = _checks.dtype(op, "dtype", dtype, _checks.FLOAT_DTYPES)
   return reference.dequantize(q, scale, dtype)
