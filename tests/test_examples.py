@@ -15,3 +15,14 @@ def test_train_fp8_mlp_runs():
   assert out.returncode == 0, f"train_fp8_mlp.py failed:\n{out.stdout}\n{out.stderr}"
   assert "flashrt_fp8_gemm" in out.stdout, out.stdout
   assert "1.00 bytes per weight" in out.stdout, out.stdout
+
+
+def test_readme_python_blocks_run():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    text = f.read()
+  blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+  assert len(blocks) >= 2, "README lost its examples"
+  scope: dict = {}
+  for block in blocks:
+    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 - the README's own examples
+  assert scope["y"].shape == (4, 128, 1024), scope["y"].shape
