@@ -57,6 +57,18 @@ def results_dir(gpu_tag: str | None = None) -> str:
   return path
 
 
+def read_results(name: str, out_dir: str) -> dict:
+  """Sections of an earlier run on the same device, so that sections run separately merge."""
+  path = os.path.join(out_dir, f"{name}.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  if old.get("device") != device_name():
+    return {}
+  return {k: v for k, v in old.items() if k not in ("device", "jax", "time")}
+
+
 def write_results(name: str, payload: dict, markdown: str, out_dir: str) -> None:
   payload = {"device": device_name(), "jax": jax.__version__, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
              **payload}

@@ -50,6 +50,15 @@ def put(platform: str, tree):
   return jax.device_put(tree, jax.devices(platform)[0])
 
 
+def on_cpu(fn, *args, **kwargs):
+  """fn(*args, **kwargs) evaluated on the CPU. The reference's quantization is bit-exact only where
+  XLA divides float32 correctly rounded, which XLA:GPU does not (it lowers to div.full)."""
+  cpu = jax.devices("cpu")[0]
+  move = lambda a: jax.device_put(a, cpu) if isinstance(a, (jax.Array, np.ndarray)) else a
+  with jax.default_device(cpu):
+    return fn(*jax.tree_util.tree_map(move, args), **kwargs)
+
+
 @pytest.fixture
 def rng(request):
   """A numpy generator seeded from the test id: fresh, different data per test and reproducible."""

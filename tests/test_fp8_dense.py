@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import E5M2, flashrt_targets, normal, rel_l2
+from conftest import E5M2, flashrt_targets, normal, on_cpu, rel_l2
 
 import flashrt_jax
 from flashrt_jax import Fp8Recipe, Fp8Weight, reference
@@ -82,7 +82,7 @@ def test_fp8_dense_trainable_forward(platform, rng, record_property, m, k, n, x_
   bias = normal(rng, (n,)) if use_bias else None
   y = flashrt_jax.fp8_dense(x, kernel, bias, recipe=FP8_PATH)
   assert y.dtype == x_dtype and y.shape == (m, n), f"{case}: got {y.dtype} {y.shape}"
-  err = rel_l2(y, reference.fp8_dense(x, kernel, bias))
+  err = rel_l2(y, on_cpu(reference.fp8_dense, x, kernel, bias))
   assert err <= TOL, f"{case}: rel L2 vs reference.fp8_dense {err:.2e}"
   err_full = rel_l2(y, _full_precision(x, kernel, bias))
   record_property("rel_l2_vs_full_precision", err_full)
@@ -100,7 +100,7 @@ def test_fp8_dense_frozen_forward(platform, rng, record_property, m, k, n, w_gra
   assert w.shape == (k, n) and w.data.shape == (n, k), f"{case}: Fp8Weight shape {w.shape}, data {w.data.shape}"
   assert w.scale.shape == ((n,) if w_granularity == "channel" else ()), f"{case}: scale {w.scale.shape}"
   y = flashrt_jax.fp8_dense(x, w, bias, recipe=Fp8Recipe(granularity=act_granularity, min_rows=0))
-  ref = reference.fp8_dense_frozen(x, w.data, w.scale, bias, granularity=act_granularity)
+  ref = on_cpu(reference.fp8_dense_frozen, x, w.data, w.scale, bias, granularity=act_granularity)
   assert y.dtype == BF16 and y.shape == (m, n), f"{case}: got {y.dtype} {y.shape}"
   assert rel_l2(y, ref) <= TOL, f"{case}: rel L2 vs reference.fp8_dense_frozen {rel_l2(y, ref):.2e}"
   err_full = rel_l2(y, _full_precision(x, kernel, bias))
@@ -123,7 +123,7 @@ def test_fp8_dense_3d(platform, rng):
   x, kernel, bias = normal(rng, (2, 35, 64), BF16), normal(rng, (64, 32), std=0.125), normal(rng, (32,))
   y = flashrt_jax.fp8_dense(x, kernel, bias, recipe=FP8_PATH)
   assert y.shape == (2, 35, 32), f"{case}: shape {y.shape}"
-  ref = reference.fp8_dense(x.reshape(70, 64), kernel, bias).reshape(2, 35, 32)
+  ref = on_cpu(reference.fp8_dense, x.reshape(70, 64), kernel, bias).reshape(2, 35, 32)
   assert rel_l2(y, ref) <= TOL, f"{case}: rel L2 {rel_l2(y, ref):.2e}"
   dx = jax.grad(lambda x: jnp.sum(flashrt_jax.fp8_dense(x, kernel, bias, recipe=FP8_PATH).astype(F32)))(x)
   full = jax.grad(lambda x: jnp.sum(_full_precision(x, kernel, bias)))(x)
@@ -146,7 +146,7 @@ def test_fp8_dense_trainable_grads(platform, rng, record_property, m, x_dtype, b
   dx, dw, db = _grads(lambda x, w, b: flashrt_jax.fp8_dense(x, w, b, recipe=recipe), x, kernel, bias, g)
   assert dx.dtype == x_dtype and dw.dtype == F32 and db.dtype == F32, f"{case}: {dx.dtype} {dw.dtype} {db.dtype}"
   dy = g.astype(x_dtype)
-  dx_ref, dw_ref = _emulated_trainable_grads(x, kernel, dy, backward)
+  dx_ref, dw_ref = on_cpu(_emulated_trainable_grads, x, kernel, dy, backward)
   assert rel_l2(dx, dx_ref) <= TOL, f"{case}: dx rel L2 vs emulated FP8 backward {rel_l2(dx, dx_ref):.2e}"
   assert rel_l2(dw, dw_ref) <= TOL, f"{case}: dW rel L2 vs emulated FP8 backward {rel_l2(dw, dw_ref):.2e}"
   db_ref = _np(dy).sum(0)
@@ -169,7 +169,7 @@ def test_fp8_dense_trainable_dtypes(platform, rng, x_dtype, kernel_dtype):
   dense = lambda x, w, b: flashrt_jax.fp8_dense(x, w, b, recipe=FP8_PATH)
   y = dense(x, kernel, bias)
   assert y.dtype == x_dtype, f"{case}: y dtype {y.dtype}"
-  assert rel_l2(y, reference.fp8_dense(x, kernel, bias)) <= TOL, f"{case}: forward rel L2"
+  assert rel_l2(y, on_cpu(reference.fp8_dense, x, kernel, bias)) <= TOL, f"{case}: forward rel L2"
   grads = _grads(dense, x, kernel, bias, g)
   full = _grads(_full_precision, x, kernel, bias, g)
   for name, ours, ref, dtype in zip(("dx", "dW", "db"), grads, full, (x_dtype, kernel_dtype, BF16)):
@@ -191,7 +191,7 @@ def test_fp8_dense_frozen_grads(platform, rng, record_property, m, w_granularity
   recipe = Fp8Recipe(backward=backward, min_rows=0)
   dx, dw, db = _grads(lambda x, w, b: flashrt_jax.fp8_dense(x, w, b, recipe=recipe), x, w, bias, g)
   dy = g.astype(BF16)
-  dx_ref = _emulated_frozen_dx(w, dy, backward)
+  dx_ref = on_cpu(_emulated_frozen_dx, w, dy, backward)
   assert dx.dtype == BF16, f"{case}: dx dtype {dx.dtype}"
   assert rel_l2(dx, dx_ref) <= TOL, f"{case}: dx rel L2 vs emulated backward {rel_l2(dx, dx_ref):.2e}"
   for leaf in jax.tree_util.tree_leaves(dw):
@@ -223,7 +223,7 @@ def test_fp8_dense_min_rows_routing(platform, rng, m, frozen):
     else:
       assert not targets, f"{case}: {name} must stay in XLA, HLO has {targets}"
   y = fwd(x, w)
-  ref = reference.fp8_dense_frozen(x, w.data, w.scale) if frozen else reference.fp8_dense(x, kernel)
+  ref = on_cpu(reference.fp8_dense_frozen, x, w.data, w.scale) if frozen else on_cpu(reference.fp8_dense, x, kernel)
   if not fp8:
     ref = _full_precision(x, w.dequantize() if frozen else kernel, None)
   assert y.dtype == BF16 and rel_l2(y, ref) <= TOL, f"{case}: rel L2 {rel_l2(y, ref):.2e}"
@@ -267,13 +267,13 @@ def test_fp8_dense_large_gpu(rng, record_property, m, k, n, backward):
     recipe = Fp8Recipe(backward=backward, min_rows=0)
     dense = jax.jit(lambda x, w, b: flashrt_jax.fp8_dense(x, w, b, recipe=recipe))
     y = dense(x, kernel, bias)
-    assert rel_l2(y, reference.fp8_dense(x, kernel, bias)) <= TOL, f"{case}: forward rel L2"
+    assert rel_l2(y, on_cpu(reference.fp8_dense, x, kernel, bias)) <= TOL, f"{case}: forward rel L2"
     dx, dw, _ = jax.jit(lambda *a: _grads(dense, *a, g))(x, kernel, bias)
-    dx_ref, dw_ref = _emulated_trainable_grads(x, kernel, g.astype(BF16), backward)
+    dx_ref, dw_ref = on_cpu(_emulated_trainable_grads, x, kernel, g.astype(BF16), backward)
     assert rel_l2(dx, dx_ref) <= TOL, f"{case}: dx rel L2 vs emulated {rel_l2(dx, dx_ref):.2e}"
     assert rel_l2(dw, dw_ref) <= TOL, f"{case}: dW rel L2 vs emulated {rel_l2(dw, dw_ref):.2e}"
     w = Fp8Weight.from_kernel(kernel, "channel")
     y = jax.jit(lambda x, w, b: flashrt_jax.fp8_dense(x, w, b, recipe=Fp8Recipe(granularity="row", min_rows=0)))(
         x, w, bias)
-    ref = reference.fp8_dense_frozen(x, w.data, w.scale, bias, granularity="row")
+    ref = on_cpu(reference.fp8_dense_frozen, x, w.data, w.scale, bias, granularity="row")
     assert rel_l2(y, ref) <= TOL, f"{case}: frozen forward rel L2 {rel_l2(y, ref):.2e}"

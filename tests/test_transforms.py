@@ -23,10 +23,13 @@ F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 FP8_PATH = Fp8Recipe(min_rows=0)
 
 
-def _assert_trees_equal(a, b, what):
+def _assert_trees_equal(a, b, what, float_tol=0.0):
+  """FP8 leaves bit for bit; other leaves bit for bit too, or within float_tol (rel L2)."""
   for i, (x, y) in enumerate(zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))):
     if jnp.dtype(x.dtype) in (E4M3, E5M2):
       assert_fp8_equal(x, y, f"{what} (leaf {i})")
+    elif float_tol:
+      assert x.dtype == y.dtype and rel_l2(x, y) <= float_tol, f"{what} (leaf {i}): rel L2 {rel_l2(x, y):.2e}"
     else:
       assert_bits_equal(x, y, f"{what} (leaf {i})")
 
@@ -65,7 +68,8 @@ def test_jit_grad_matches_eager_grad(platform, rng, frozen):
   x, w, b = normal(rng, (300, 64), BF16), normal(rng, (64, 32), std=0.125), normal(rng, (32,))
   w = Fp8Weight.from_kernel(w) if frozen else w
   grad = jax.grad(_train_loss, argnums=(0, 1, 2))
-  _assert_trees_equal(jax.jit(grad)(x, w, b), grad(x, w, b), case)
+  # XLA:GPU sums the bias gradient in another order inside one jitted program than op by op.
+  _assert_trees_equal(jax.jit(grad)(x, w, b), grad(x, w, b), case, float_tol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
