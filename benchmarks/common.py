@@ -26,7 +26,7 @@ def copies_for(bytes_per_set: int, max_copies: int = 16) -> int:
   return int(max(2, min(max_copies, -(-4 * L2_BYTES // max(bytes_per_set, 1)))))
 
 
-def time_op(fn, input_sets, *, repeats: int = 5, target_s: float = 0.03) -> float:
+def time_op(fn, input_sets, *, repeats: int = 3, target_s: float = 0.02) -> float:
   """Median seconds per call of fn(*inputs) over the rotated input sets."""
   many = jax.jit(lambda sets: [fn(*s) for s in sets])
   jax.block_until_ready(many(input_sets))  # compile + warm up

@@ -78,7 +78,7 @@ def rotated(sets_fn, bytes_per_set, max_copies=16):
 
 # --- sections ----------------------------------------------------------------------------------
 
-def bench_raw(shapes):
+def bench_raw(shapes, save):
   rows = []
   for m, k, n in shapes:
     def one(i):
@@ -104,6 +104,7 @@ def bench_raw(shapes):
                  "tflops": {v: flops / s / 1e12 for v, s in t.items()}})
     print(f"raw {m}x{k}x{n}: " + ", ".join(f"{v} {flops / s / 1e12:.0f}" for v, s in t.items()) + " TFLOP/s",
           flush=True)
+    save(rows)
   return rows
 
 
@@ -112,21 +113,22 @@ def _layer_variants(m, k, n, backward: bool):
   fwd_flops, train_flops, dx_flops = 2 * m * k * n, 6 * m * k * n, 4 * m * k * n
   layer = flax_fp8_layer(n)
 
+  def cotangent(i):  # only the backward section differentiates
+    return common.random_normal(jax.random.key(100 + i), (m, n), BF16) if backward else None
+
   def dense_sets(i):
     x, w = make_inputs(m, k, n, i)
-    return x, w, common.random_normal(jax.random.key(100 + i), (m, n), BF16)
+    return x, w, cotangent(i)
 
   def frozen_sets(i):
     x, w = make_inputs(m, k, n, i)
-    wf = fr.Fp8Weight.from_kernel(w)
-    return x, wf, common.random_normal(jax.random.key(100 + i), (m, n), BF16)
+    return x, fr.Fp8Weight.from_kernel(w), cotangent(i)
 
   def flax_sets(i):
     x, w = make_inputs(m, k, n, i)
-    params = layer.init(jax.random.key(i), x)
-    params = jax.tree_util.tree_map(lambda p: p, params)
+    params = jax.jit(layer.init)(jax.random.key(i), x)
     params["params"]["kernel"] = w
-    return x, params, common.random_normal(jax.random.key(100 + i), (m, n), BF16)
+    return x, params, cotangent(i)
 
   frozen_row = fr.Fp8Recipe(min_rows=0, granularity="row")
   v = {}
@@ -140,21 +142,22 @@ def _layer_variants(m, k, n, backward: bool):
     if layer is not None:
       v["flax fp8 layer"] = (lambda x, p, ct: layer.apply(p, x), flax_sets, fwd_flops)
   else:
-    def grads(f, argnums):
-      return lambda x, w, ct: jax.vjp(lambda *a: f(*a), *((x, w) if argnums == 2 else (x,)))[1](ct) if argnums == 2 \
-          else jax.vjp(lambda x_: f(x_, w), x)[1](ct)
-    v["flashrt trainable dx+dW"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), 2), dense_sets, train_flops)
-    v["flashrt frozen dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), 1), frozen_sets, dx_flops)
-    v["flashrt frozen row dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=frozen_row), 1), frozen_sets, dx_flops)
-    v["xla bf16 dx+dW"] = (grads(xla_bf16, 2), dense_sets, train_flops)
-    v["xla bf16 dx"] = (grads(xla_bf16, 1), dense_sets, dx_flops)
-    v["pure-jax fp8 frozen dx"] = (grads(lambda x, w: pure_jax_fp8(x, w.data, w.scale), 1), frozen_sets, dx_flops)
+    def grads(f, wrt_weight: bool):
+      if wrt_weight:
+        return lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
+      return lambda x, w, ct: jax.vjp(lambda x_: f(x_, w), x)[1](ct)
+    v["flashrt trainable dx+dW"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), True), dense_sets, train_flops)
+    v["flashrt frozen dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), False), frozen_sets, dx_flops)
+    v["flashrt frozen row dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=frozen_row), False), frozen_sets, dx_flops)
+    v["xla bf16 dx+dW"] = (grads(xla_bf16, True), dense_sets, train_flops)
+    v["xla bf16 dx"] = (grads(xla_bf16, False), dense_sets, dx_flops)
+    v["pure-jax fp8 frozen dx"] = (grads(lambda x, w: pure_jax_fp8(x, w.data, w.scale), False), frozen_sets, dx_flops)
     if layer is not None:
-      v["flax fp8 layer dx+dW"] = (grads(lambda x, p: layer.apply(p, x), 2), flax_sets, train_flops)
+      v["flax fp8 layer dx+dW"] = (grads(lambda x, p: layer.apply(p, x), True), flax_sets, train_flops)
   return v
 
 
-def bench_layers(shapes, backward: bool):
+def bench_layers(shapes, backward: bool, save):
   rows = []
   for m, k, n in shapes:
     bytes_per_set = 2 * (m * k + k * n + 2 * m * n)
@@ -166,10 +169,11 @@ def bench_layers(shapes, backward: bool):
     base = "xla bf16 dx+dW" if backward else "xla bf16"
     print(f"{'fwd+bwd' if backward else 'fwd'} {m}x{k}x{n}: "
           + ", ".join(f"{v} {t[base] / s:.2f}x" for v, s in t.items()), flush=True)
+    save(rows)
   return rows
 
 
-def bench_crossover(ms, kns):
+def bench_crossover(ms, kns, save):
   rows = []
   for k, n in kns:
     for m in ms:
@@ -186,6 +190,7 @@ def bench_crossover(ms, kns):
                                         rotated(frozen_sets, bytes_per_set))}
       rows.append({"m": m, "k": k, "n": n, "us": {v: s * 1e6 for v, s in t.items()}})
       print(f"crossover {m}x{k}x{n}: " + ", ".join(f"{v} {s * 1e6:.1f}us" for v, s in t.items()), flush=True)
+      save(rows)
   return rows
 
 
@@ -298,23 +303,40 @@ def main():
   p.add_argument("--sections", default="raw,forward,backward,crossover,accuracy,memory")
   p.add_argument("--quick", action="store_true", help="a few shapes only")
   p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<gpu>)")
+  p.add_argument("--shapes", default=None, help="forward/backward shapes instead of the default list: M,K,N;M,K,N")
+  p.add_argument("--ms", default=None, help="crossover rows instead of the default list: 16,50,...")
+  p.add_argument("--kns", default=None, help="crossover K,N pairs instead of the default list: K,N;K,N")
   args = p.parse_args()
   sections = args.sections.split(",")
   train = TRAIN_SHAPES[:1] + TRAIN_SHAPES[-1:] if args.quick else TRAIN_SHAPES
   infer = INFER_SHAPES[-2:] if args.quick else INFER_SHAPES
   out_dir = args.out or common.results_dir()
+  os.makedirs(out_dir, exist_ok=True)
+  if args.shapes:
+    train = infer = [tuple(int(v) for v in sh.split(",")) for sh in args.shapes.split(";")]
+    infer = []
   results = common.read_results("gemm", out_dir)  # sections run separately (device-time limits) merge
+
+  def saver(section):  # rewrite the report after every shape, so a run cut short keeps what it measured
+    def save(rows):
+      results[section] = rows
+      if section == "crossover":
+        results["crossover_m"] = {v: crossover_rows(rows, v) for v in ("fp8 trainable", "fp8 frozen")}
+      write_report(results, out_dir)
+    return save
+
   if "raw" in sections:
-    results["raw"] = bench_raw(RAW_SHAPES[:1] if args.quick else RAW_SHAPES)
+    bench_raw(RAW_SHAPES[:1] if args.quick else RAW_SHAPES, saver("raw"))
   if "forward" in sections:
-    results["forward"] = bench_layers(train + infer, backward=False)
+    bench_layers(train + infer, False, saver("forward"))
   if "backward" in sections:
-    results["backward"] = bench_layers(train, backward=True)
+    bench_layers(train, True, saver("backward"))
   if "crossover" in sections:
     ms = (16, 64, 256, 1024) if args.quick else (16, 50, 128, 256, 512, 968, 1600)
     kns = ((2048, 2048),) if args.quick else ((1024, 4096), (4096, 1024), (2048, 2048), (2048, 16384), (16384, 2048))
-    results["crossover"] = bench_crossover(ms, kns)
-    results["crossover_m"] = {v: crossover_rows(results["crossover"], v) for v in ("fp8 trainable", "fp8 frozen")}
+    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
+    kns = tuple(tuple(int(v) for v in kn.split(",")) for kn in args.kns.split(";")) if args.kns else kns
+    bench_crossover(ms, kns, saver("crossover"))
   if "accuracy" in sections:
     results["accuracy"] = bench_accuracy()
   if "memory" in sections:

@@ -43,12 +43,13 @@ def _f64_product(a, sa, b, sb, bias=None):
   return out if bias is None else out + np.asarray(bias, np.float64)
 
 
-def _check(platform, case, out, a, sa, b, sb, out_dtype, bias=None, record=None):
+def _check(platform, case, out, a, sa, b, sb, out_dtype, bias=None, record=None, f64=None):
   ref = reference.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, bias=bias)
   assert out.dtype == out_dtype and out.shape == ref.shape, f"{case}: got {out.dtype} {out.shape}, want {ref.shape}"
   err, tol = rel_l2(out, ref), TOL[platform][out_dtype]
   assert err <= tol, f"{case}: rel L2 vs reference {err:.2e} > {tol}"
-  err64, tol64 = rel_l2(out, _f64_product(a, sa, b, sb, bias)), TOL_F64[platform][out_dtype]
+  f64 = _f64_product(a, sa, b, sb, bias) if f64 is None else f64
+  err64, tol64 = rel_l2(out, f64), TOL_F64[platform][out_dtype]
   if record is not None:
     record("rel_l2_vs_float64", err64)
   assert err64 <= tol64, f"{case}: rel L2 vs float64 {err64:.2e} > {tol64}"
@@ -149,14 +150,14 @@ def test_fp8_gemm_grad_matches_reference(platform, rng, pair, vector_scales):
 @pytest.mark.gpu
 @pytest.mark.parametrize("vector_scales", [False, True], ids=["tensor", "vector"])
 @pytest.mark.parametrize("pair", PAIRS)
-@pytest.mark.parametrize("m,k,n", [(4096, 2048, 2048), (4095, 1024, 2048), (867, 2048, 1024), (1, 2048, 2048)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("m,k,n", [(4096, 2048, 2048), (4095, 1024, 2048), (1, 2048, 2048)], ids=str)
 def test_fp8_gemm_large_gpu(rng, record_property, m, k, n, pair, vector_scales):
   case = f"fp8_gemm (GPU, large) m={m} k={k} n={n} {pair[0].name}x{pair[1].name} vector={vector_scales}"
   with jax.default_device(jax.devices("gpu")[0]):
     a, sa, b, sb = _operands(rng, m, k, n, *pair, vector_scales=vector_scales)
     bias = normal(rng, (n,), jnp.bfloat16)
+    f64 = _f64_product(a, sa, b, sb, bias)
     for out_dtype, fast in ((BF16, True), (F32, False)):
       out = flashrt_jax.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, bias=bias, fast_accum=fast)
       _check("gpu", f"{case} -> {out_dtype.name}", out, a, sa, b, sb, out_dtype, bias=bias,
-             record=record_property)
+             record=record_property, f64=f64)
