@@ -6,7 +6,7 @@ Every op is an XLA FFI custom call registered for CPU (C++ reference kernels) an
 
 from flashrt_jax import reference
 from flashrt_jax.ffi import cuda_available
-from flashrt_jax.ops.gemm import DEFAULT_MIN_ROWS, Fp8Recipe, Fp8Weight, fp8_dense, fp8_gemm
+from flashrt_jax.ops.gemm import Fp8Recipe, Fp8Weight, fp8_dense, fp8_gemm, takes_fp8_path
 from flashrt_jax.ops.quant import dequantize, quantize, quantize_transpose
 from flashrt_jax import convert, linen, nnx  # noqa: E402  (they build on the ops above)
 from flashrt_jax.convert import Layout, dequantize_params, quantize_params
@@ -15,7 +15,6 @@ from flashrt_jax.linen import Fp8DotGeneral, fp8_dot_general
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MIN_ROWS",
     "Fp8DotGeneral",
     "Layout",
     "convert",
@@ -33,4 +32,5 @@ __all__ = [
     "quantize",
     "quantize_transpose",
     "reference",
+    "takes_fp8_path",
 ]

@@ -187,9 +187,9 @@ FP8_DENSE = [
          r"Fp8Recipe: granularity must be one of"),
     case("Fp8Recipe-backward", lambda i: Fp8Recipe(backward="fp16"), ValueError, r"Fp8Recipe: backward must be one of"),
     case("Fp8Recipe-min_rows-negative", lambda i: Fp8Recipe(min_rows=-1), ValueError,
-         r"Fp8Recipe: min_rows must be an int >= 0"),
+         r"Fp8Recipe: min_rows must be None or an int >= 0"),
     case("Fp8Recipe-min_rows-float", lambda i: Fp8Recipe(min_rows=2.5), ValueError,
-         r"Fp8Recipe: min_rows must be an int >= 0"),
+         r"Fp8Recipe: min_rows must be None or an int >= 0"),
     case("Fp8Recipe-fast_accum", lambda i: Fp8Recipe(fast_accum="no"), TypeError,
          r"Fp8Recipe: fast_accum must be a bool"),
 ]

@@ -207,15 +207,18 @@ def test_fp8_dense_frozen_grads(platform, rng, record_property, m, w_granularity
 # Routing: small M and unaligned K or N take XLA's dot
 
 
+MIN_ROWS = 256
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
-@pytest.mark.parametrize("m", [51, flashrt_jax.DEFAULT_MIN_ROWS - 1, flashrt_jax.DEFAULT_MIN_ROWS, 867])
+@pytest.mark.parametrize("m", [51, MIN_ROWS - 1, MIN_ROWS, 867])
 def test_fp8_dense_min_rows_routing(platform, rng, m, frozen):
-  case = f"fp8_dense routing m={m} (min_rows={flashrt_jax.DEFAULT_MIN_ROWS}) frozen={frozen} on {platform}"
+  case = f"fp8_dense routing m={m} (min_rows={MIN_ROWS}) frozen={frozen} on {platform}"
   x, kernel = normal(rng, (m, 64), BF16), normal(rng, (64, 32), std=0.125)
   w = Fp8Weight.from_kernel(kernel) if frozen else kernel
-  fwd = lambda x, w: flashrt_jax.fp8_dense(x, w)
+  fwd = lambda x, w: flashrt_jax.fp8_dense(x, w, recipe=Fp8Recipe(min_rows=MIN_ROWS))
   bwd = jax.grad(lambda x, w: jnp.sum(fwd(x, w).astype(F32)))
-  fp8 = m >= flashrt_jax.DEFAULT_MIN_ROWS
+  fp8 = m >= MIN_ROWS
   for name, f in (("forward", fwd), ("grad", bwd)):
     targets = flashrt_targets(f, x, w, compiled=False)
     if fp8:
@@ -223,10 +226,42 @@ def test_fp8_dense_min_rows_routing(platform, rng, m, frozen):
     else:
       assert not targets, f"{case}: {name} must stay in XLA, HLO has {targets}"
   y = fwd(x, w)
-  ref = on_cpu(reference.fp8_dense_frozen, x, w.data, w.scale) if frozen else on_cpu(reference.fp8_dense, x, kernel)
+  if frozen:  # the default recipe scales a frozen layer's activations per token
+    ref = on_cpu(reference.fp8_dense_frozen, x, w.data, w.scale, granularity="row")
+  else:
+    ref = on_cpu(reference.fp8_dense, x, kernel)
   if not fp8:
     ref = _full_precision(x, w.dequantize() if frozen else kernel, None)
   assert y.dtype == BF16 and rel_l2(y, ref) <= TOL, f"{case}: rel L2 {rel_l2(y, ref):.2e}"
+
+
+# (M, K, N) -> (FP8 for a frozen weight, FP8 for a trainable one) under the default recipe: the
+# H100 measurements behind takes_fp8_path (benchmarks/results/h100/gemm.md, gemm_run1.log).
+MEASURED_ROUTES = {
+    (50, 1024, 4096): (False, False),
+    (1600, 1024, 4096): (False, False),
+    (1024, 2048, 2048): (False, False),
+    (30976, 2048, 512): (False, False),
+    (968, 2048, 16384): (True, False),
+    (3872, 2048, 16384): (True, True),
+    (30976, 2048, 2048): (True, True),
+    (30976, 16384, 2048): (True, True),
+}
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("shape", list(MEASURED_ROUTES), ids=lambda s: "x".join(map(str, s)))
+def test_fp8_dense_default_routing(shape, frozen):
+  m, k, n = shape
+  want = MEASURED_ROUTES[shape][0 if frozen else 1]
+  assert flashrt_jax.takes_fp8_path(m, k, n, frozen) == want, f"takes_fp8_path{shape} frozen={frozen}"
+  x = jax.ShapeDtypeStruct((m, k), BF16)  # lowered only: nothing this large runs on CPU
+  if frozen:
+    w = Fp8Weight(jax.ShapeDtypeStruct((n, k), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((), F32))
+  else:
+    w = jax.ShapeDtypeStruct((k, n), F32)
+  hlo = jax.jit(flashrt_jax.fp8_dense).lower(x, w).as_text()
+  assert ("flashrt_fp8_gemm" in hlo) == want, f"fp8_dense{shape} frozen={frozen}: FP8 path expected {want}"
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])

@@ -140,7 +140,7 @@ def test_jit_and_custom_call_in_hlo(rng):
     params = jax.jit(layer.init)(jax.random.key(0), xi)
     assert fp8_ran(layer, params, xi), type(layer).__name__
     np.testing.assert_array_equal(jax.jit(layer.apply)(params, xi), layer.apply(params, xi))
-  small = Fp8Dense(32, **INITS)  # default recipe: 51 rows < min_rows run XLA's dot
+  small = Fp8Dense(32, **INITS)  # default recipe: a problem this small runs XLA's dot
   assert not fp8_ran(small, small.init(jax.random.key(0), x), x)
 
 
@@ -215,8 +215,10 @@ def test_dot_general_drop_in(rng):
   drop_in = nn.Dense(32, dot_general=Fp8DotGeneral(RECIPE))
   assert rel_l2(drop_in.apply(params, x), Fp8Dense(32, recipe=RECIPE).apply(params, x)) <= 1e-6
   assert fp8_ran(drop_in, params, x)
-  by_cls = nn.Dense(32, dot_general_cls=Fp8DotGeneral)  # default recipe: 867 rows run FP8
+  by_cls = nn.Dense(32, dot_general_cls=functools.partial(Fp8DotGeneral, RECIPE))
   assert fp8_ran(by_cls, params, normal(rng, (867, 64)))
+  default_cls = nn.Dense(32, dot_general_cls=Fp8DotGeneral)  # default recipe: this small a GEMM stays in XLA
+  assert not fp8_ran(default_cls, params, normal(rng, (867, 64)))
   general = nn.DenseGeneral((2, 16), axis=(-2, -1), dot_general=Fp8DotGeneral(RECIPE))
   xg = normal(rng, (51, 4, 16))
   pg = general.init(jax.random.key(1), xg)

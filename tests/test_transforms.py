@@ -68,8 +68,9 @@ def test_jit_grad_matches_eager_grad(platform, rng, frozen):
   x, w, b = normal(rng, (300, 64), BF16), normal(rng, (64, 32), std=0.125), normal(rng, (32,))
   w = Fp8Weight.from_kernel(w) if frozen else w
   grad = jax.grad(_train_loss, argnums=(0, 1, 2))
-  # XLA:GPU sums the bias gradient in another order inside one jitted program than op by op.
-  _assert_trees_equal(jax.jit(grad)(x, w, b), grad(x, w, b), case, float_tol=1e-5)
+  # XLA:GPU fuses and orders the float reductions (bias gradient, loss) differently inside one jitted
+  # program than op by op: seen on the H100, 1.5e-4.
+  _assert_trees_equal(jax.jit(grad)(x, w, b), grad(x, w, b), case, float_tol=1e-5 if platform == "cpu" else 1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

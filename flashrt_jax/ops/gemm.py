@@ -25,10 +25,29 @@ BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
 OUT_DTYPES = (BF16, F32)
 
-# Below this many rows (M = prod of x's leading axes) fp8_dense runs XLA's BF16 dot instead: at
-# small M the GEMM is bound by reading the weight and the quantize passes cost more than FP8 saves.
-# Measured on the H100 by benchmarks/gemm.py (crossover section of benchmarks/results/h100/gemm.md).
-DEFAULT_MIN_ROWS = 256
+# When fp8_dense takes the FP8 path by default (Fp8Recipe.min_rows=None). FP8 saves GEMM time in
+# proportion to M*K*N but pays an activation quantize pass in proportion to M*K, so it needs enough
+# output features N; small problems are bound by per-call launch and host overhead, and a trainable
+# weight is quantized on every call, so it needs more work to pay off. Chosen from the H100 runs in
+# benchmarks/results/h100/ (gemm.md, gemm_run1.log): FP8 lost at N = 512 (M = 30976), at
+# 1600x1024x4096 and at M <= 1024 with K = N = 2048, and a trainable weight lost at 968x2048x16384;
+# FP8 won at every shape these thresholds admit.
+AUTO_MIN_OUT_FEATURES = 2048
+AUTO_MIN_FLOPS = {"frozen": 5e10, "trainable": 2e11}
+
+
+def takes_fp8_path(m: int, k: int, n: int, frozen: bool, min_rows: int | None = None) -> bool:
+  """Whether fp8_dense runs the FP8 GEMM for x (M, K) @ kernel (K, N), or XLA's dot.
+
+  K and N must be multiples of 16 (cuBLASLt's FP8 alignment). With min_rows=None the measured
+  default applies (N >= AUTO_MIN_OUT_FEATURES and 2*M*K*N >= AUTO_MIN_FLOPS); an int min_rows
+  replaces it by M >= min_rows (0: always FP8).
+  """
+  if k % 16 or n % 16:
+    return False
+  if min_rows is not None:
+    return m >= min_rows
+  return n >= AUTO_MIN_OUT_FEATURES and 2 * m * k * n >= AUTO_MIN_FLOPS["frozen" if frozen else "trainable"]
 
 
 def _gemm_2d(a, b, a_scale, b_scale, bias, out_dtype, fast_accum):
@@ -166,22 +185,24 @@ class Fp8Recipe:
     backward: "fp8" (dy quantized to E5M2 with current scaling, FP8 GEMMs for dx and dW) or "bf16"
       (XLA BF16 GEMMs on the dequantized residuals).
     fast_accum: use Hopper's fast FP8 accumulation in the forward GEMM (the backward never does).
-    min_rows: with fewer rows than this (M = prod of x's leading axes) the layer runs XLA's BF16
-      dot instead, which is faster there; 0 always takes the FP8 path.
+    min_rows: None (default): take the FP8 path where it was measured faster than XLA's BF16 dot
+      on the H100 (see `takes_fp8_path`); an int: FP8 from this many rows (M = prod of x's leading
+      axes) on, whatever K and N; 0 always takes the FP8 path.
   """
 
   granularity: str | None = None
   backward: str = "fp8"
   fast_accum: bool = True
-  min_rows: int = DEFAULT_MIN_ROWS
+  min_rows: int | None = None
 
   def __post_init__(self):
     op = "Fp8Recipe"
     _checks.choice(op, "granularity", self.granularity, (None, "tensor", "row"))
     _checks.choice(op, "backward", self.backward, ("fp8", "bf16"))
     _checks.boolean(op, "fast_accum", self.fast_accum)
-    if not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool) or self.min_rows < 0:
-      raise ValueError(f"{op}: min_rows must be an int >= 0, got {self.min_rows!r}")
+    if self.min_rows is not None and (not isinstance(self.min_rows, int) or isinstance(self.min_rows, bool)
+                                      or self.min_rows < 0):
+      raise ValueError(f"{op}: min_rows must be None or an int >= 0, got {self.min_rows!r}")
 
 
 def _scale_vector(scale):
@@ -286,8 +307,8 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
   Returns:
     (..., N) in x's dtype.
 
-  K and N not multiples of 16 (cuBLASLt FP8 alignment), or fewer than `recipe.min_rows` rows, take
-  the XLA path (`x @ kernel` in x's dtype) instead of FP8.
+  Shapes where FP8 does not pay (see `takes_fp8_path` and `recipe.min_rows`) and K or N not multiples
+  of 16 (cuBLASLt FP8 alignment) take the XLA path (`x @ kernel` in x's dtype) instead.
   """
   op = "fp8_dense"
   recipe = Fp8Recipe() if recipe is None else recipe
@@ -315,7 +336,7 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
   m = 1
   for d in x.shape[:-1]:
     m *= d
-  if m < recipe.min_rows or k % 16 or n % 16:
+  if not takes_fp8_path(m, k, n, frozen, recipe.min_rows):
     return _dense_xla(x, kernel, bias)
   x_dtype = jnp.dtype(x.dtype)
   out_dtype = x_dtype if x_dtype in OUT_DTYPES else BF16
