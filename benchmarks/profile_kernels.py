@@ -1,0 +1,70 @@
+"""Per-kernel device time of fp8_dense against XLA's BF16 dot, from a jax.profiler trace.
+
+    python benchmarks/profile_kernels.py [M,K,N ...]
+
+For each shape prints wall time per call (host dispatch and thunk overhead included) next to the
+summed GPU kernel time per call, and the kernels that make it up: it tells launch- or host-bound
+shapes from device-bound ones, and which kernel to work on.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import flashrt_jax as fr  # noqa: E402
+
+ALWAYS_FP8 = fr.Fp8Recipe(min_rows=0)
+
+
+def profile(fn, sets, tag, top=8):
+  many = jax.jit(lambda s: [fn(*a) for a in s])
+  jax.block_until_ready(many(sets))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      out = [many(sets) for _ in range(3)]
+      jax.block_until_ready(out)
+    events = json.load(gzip.open(sorted(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True))[-1]))["traceEvents"]
+  names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  total, count = collections.defaultdict(float), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "/device:GPU" in names.get(e["pid"], ""):
+      total[e["name"][:70]] += e["dur"]
+      count[e["name"][:70]] += 1
+  calls = 3 * len(sets)
+  t0 = time.perf_counter()
+  out = [many(sets) for _ in range(10)]
+  jax.block_until_ready(out)
+  wall = (time.perf_counter() - t0) / (10 * len(sets)) * 1e6
+  print(f"== {tag}: wall {wall:.1f} us/call, GPU kernels {sum(total.values()) / calls:.1f} us/call")
+  for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+    print(f"   {us / calls:8.2f} us  x{count[name] / calls:.0f}  {name}")
+
+
+def main():
+  shapes = [tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or [(50, 1024, 4096), (968, 2048, 2048),
+                                                                          (30976, 2048, 2048)]
+  for m, k, n in shapes:
+    sets = [(common.random_normal(jax.random.key(i), (m, k), jnp.bfloat16),
+             common.random_normal(jax.random.key(100 + i), (k, n), jnp.bfloat16, 0.02))
+            for i in range(common.copies_for(2 * (m * k + k * n + m * n), 8))]
+    frozen = [(x, fr.Fp8Weight.from_kernel(w)) for x, w in sets]
+    profile(lambda x, w: x @ w, sets, f"xla bf16 {m}x{k}x{n}")
+    profile(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), frozen, f"fp8 frozen (per token) {m}x{k}x{n}")
+    profile(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), sets, f"fp8 trainable {m}x{k}x{n}")
+
+
+if __name__ == "__main__":
+  main()
