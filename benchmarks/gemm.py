@@ -15,7 +15,6 @@ Writes benchmarks/results/<gpu>/gemm.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 

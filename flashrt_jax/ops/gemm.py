@@ -205,16 +205,12 @@ class Fp8Recipe:
       raise ValueError(f"{op}: min_rows must be None or an int >= 0, got {self.min_rows!r}")
 
 
-def _scale_vector(scale):
-  return scale.reshape(-1) if scale.ndim else scale
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _dense_trainable(x, kernel, bias, recipe, dtypes):
-  x_dtype, kernel_dtype, out_dtype = dtypes
   xq, sx, _ = raw_quant.quantize_current(x, E4M3, False)
+  # Only the (N, K) layout is needed without a backward; the transposing kernel writes it in one pass.
   _, wq_t, sw, _ = raw_quant.quantize_transpose_current(kernel, E4M3)
-  return _gemm_2d(xq, wq_t, sx, sw, bias, out_dtype, recipe.fast_accum)
+  return _gemm_2d(xq, wq_t, sx, sw, bias, dtypes[2], recipe.fast_accum)
 
 
 def _dense_trainable_fwd(x, kernel, bias, recipe, dtypes):
