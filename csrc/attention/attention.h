@@ -78,8 +78,8 @@ inline int64_t AttentionForwardWorkspaceBytes(int64_t batch, int64_t tq, int64_t
 }
 inline int64_t AttentionBackwardWorkspaceBytes(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv,
                                                int64_t head_dim) {
-  (void)tk, (void)hkv;
-  return batch * hq * tq * (head_dim + 1) * int64_t(sizeof(float));  // fp32 dq accumulator, rowsum(do * o)
+  (void)tk, (void)hkv, (void)head_dim;
+  return 2 * batch * hq * tq * int64_t(sizeof(float));  // rowsum(do * o) and the lse in log2 units
 }
 
 namespace cpu {
