@@ -1,0 +1,891 @@
+// Flash attention on Hopper with warp-level bf16/f16 tensor-core MMAs (mma.sync m16n8k16), fp32
+// softmax and accumulation, never materialising the (Tq, Tk) logits.
+//
+// Rows: the query heads that share a KV head are folded into the rows of one tile (row = query
+// position * group + head in group), so each K/V tile is read once for all of them (MQA / GQA).
+// Masks: every key gets an "effective block" (its block id, or INT_MAX when invalid / past the end)
+// and a query sees it iff that is <= the query's block id. Before its main loop each CTA lists the
+// tiles it sees at all, and marks those it sees in full, so masked-out tiles cost nothing and full
+// tiles skip the per-element test.
+//
+// Forward: one CTA per (128 folded rows, batch, KV head[, key split]); K/V tiles double-buffered
+// through cp.async. Few query rows (decode) split the keys over CTAs and a second kernel merges.
+// Backward (deterministic, no atomics): a preprocess kernel (rowsum(dO * O), lse in log2 units),
+// one kernel per key tile for dK / dV looping over the query tiles (all heads of the group, so a
+// shared KV head accumulates without races), and one kernel per query tile for dQ.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "attention/attention.h"
+
+namespace fr::cuda {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps
+constexpr int kKeysPerTile = 64;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kInvisible = INT_MAX;     // effective block of a key nobody sees
+constexpr int kSeesAll = INT_MAX - 1;   // block of a query when there is no block mask
+constexpr uint16_t kFullTile = 0x8000;  // tile-list flag: every row sees every key of the tile
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void Ldmatrix(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdmatrixTrans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 Unpack(uint32_t u) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
+  }
+  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ float2 Unpack(uint32_t u) {
+    return __half22float2(*reinterpret_cast<__half2*>(&u));
+  }
+  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// A shared-memory tile of 16-bit elements, rows of `chunks` 16-byte chunks, XOR-swizzled so that the
+// 8 rows an ldmatrix reads at one column hit 8 different bank groups.
+struct Tile {
+  char* base;
+  int chunks;
+  __device__ __forceinline__ char* At(int row, int chunk) const {
+    return base + (row * chunks + (chunk ^ (row & 7))) * 16;
+  }
+  __device__ __forceinline__ uint32_t Addr(int row, int chunk) const { return SmemAddr(At(row, chunk)); }
+  // Stores two adjacent elements (col even) packed in one 32-bit word.
+  __device__ __forceinline__ void Store2(int row, int col, uint32_t v) const {
+    *reinterpret_cast<uint32_t*>(At(row, col / 8) + (col % 8) * 2) = v;
+  }
+};
+
+// acc[NT][4] += A (16 x 16*ksteps, rows m0..) * B (16*ksteps x 8*NT, cols n0..) for one warp.
+// A is stored [m][k] (or [k][m] when kATrans); B is stored [n][k] (or [k][n] when kBTrans).
+template <typename T, int NT, bool kATrans, bool kBTrans>
+__device__ __forceinline__ void WarpMma(float (&acc)[NT][4], const Tile& a, int m0, const Tile& b, int n0,
+                                        int ksteps) {
+  static_assert(NT % 2 == 0, "n tiles come in pairs");
+  const int lane = threadIdx.x % 32, mi = lane / 8;
+#pragma unroll 4
+  for (int kk = 0; kk < ksteps; ++kk) {
+    uint32_t af[4];
+    if (kATrans) {
+      LdmatrixTrans(af, a.Addr(16 * kk + (lane / 16) * 8 + lane % 8, m0 / 8 + mi % 2));
+    } else {
+      Ldmatrix(af, a.Addr(m0 + lane % 16, 2 * kk + lane / 16));
+    }
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      const int n = n0 + 16 * np;
+      uint32_t bf[4];
+      if (kBTrans) {
+        LdmatrixTrans(bf, b.Addr(16 * kk + (mi % 2) * 8 + lane % 8, n / 8 + mi / 2));
+      } else {
+        Ldmatrix(bf, b.Addr(n + (mi / 2) * 8 + lane % 8, 2 * kk + mi % 2));
+      }
+      Elem<T>::Mma(acc[2 * np], af, bf[0], bf[1]);
+      Elem<T>::Mma(acc[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void Zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Problem description shared by the kernels
+
+struct Params {
+  const char* q;
+  const char* k;
+  const char* v;
+  const char* k2;
+  const char* v2;
+  int batch, hq, hkv, group;
+  int64_t tq, tk1, tk2, tk, rows;  // rows = tq * group folded query rows per (batch, KV head)
+  float softmax_scale, softcap;
+  const int32_t* q_block;
+  const int32_t* k_block;
+  const int32_t* k_valid;
+};
+
+__device__ __forceinline__ int KeyEff(const Params& p, int b, int64_t j) {
+  if (j >= p.tk) return kInvisible;
+  if (p.k_valid && !p.k_valid[b * p.tk + j]) return kInvisible;
+  return p.q_block ? p.k_block[b * p.tk + j] : INT_MIN;
+}
+
+__device__ __forceinline__ int QueryBlock(const Params& p, int b, int64_t t) {
+  return p.q_block ? p.q_block[b * p.tq + t] : kSeesAll;
+}
+
+// Element offset of (b, t, head) in a (batch, time, heads, D) array.
+template <int D>
+__device__ __forceinline__ int64_t RowOffset(int64_t b, int64_t t, int64_t time, int64_t heads, int64_t head) {
+  return ((b * time + t) * heads + head) * D;
+}
+
+// Source row (K or V, first or second source) of key j for KV head h; nullptr past the end.
+template <int D>
+__device__ __forceinline__ const char* KeyRow(const Params& p, const char* src1, const char* src2, int b, int h,
+                                              int64_t j) {
+  if (j < p.tk1) return src1 + RowOffset<D>(b, j, p.tk1, p.hkv, h) * 2;
+  if (j < p.tk) return src2 + RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h) * 2;
+  return nullptr;
+}
+
+// Loads rows [row0, row0 + nrows) of a (batch, tq, hq, D) array for folded rows of KV head h into
+// `dst`, zero-filling rows past the end.
+template <int D>
+__device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, const Tile& dst, int b, int h,
+                                              int64_t row0, int nrows) {
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < nrows * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const int64_t row = row0 + r, t = row / p.group;
+    const bool ok = t < p.tq;
+    const char* g = ok ? src + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group) + c * 8) * 2 : src;
+    CpAsync16(dst.Addr(r, c), g, ok);
+  }
+}
+
+// Loads the K (and V) rows of key tile `tile` and the keys' effective blocks.
+template <int D>
+__device__ __forceinline__ void LoadKeyTile(const Params& p, const Tile& k, const Tile& v, int* eff, int b, int h,
+                                            int tile) {
+  constexpr int kChunks = D / 8;
+  const int64_t j0 = int64_t(tile) * kKeysPerTile;
+  for (int i = threadIdx.x; i < kKeysPerTile * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = i % kChunks;
+    const char* kr = KeyRow<D>(p, p.k, p.k2, b, h, j0 + r);
+    const char* vr = KeyRow<D>(p, p.v, p.v2, b, h, j0 + r);
+    CpAsync16(k.Addr(r, c), kr ? kr + c * 16 : p.k, kr != nullptr);
+    CpAsync16(v.Addr(r, c), vr ? vr + c * 16 : p.v, vr != nullptr);
+  }
+  if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, j0 + threadIdx.x);
+}
+
+// Lists the key tiles in [begin, end) that any query with block in [qmin, qmax] sees, flagging
+// the tiles that every such query sees in full. Call from all threads; returns the count.
+__device__ int ListKeyTiles(const Params& p, int b, int qmin, int qmax, bool rows_complete, int begin, int end,
+                            uint16_t* list, uint8_t* flags, int* count) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int t = begin + warp; t < end; t += kThreads / 32) {
+    const int64_t j = int64_t(t) * kKeysPerTile + 2 * lane;
+    const int e0 = KeyEff(p, b, j), e1 = KeyEff(p, b, j + 1);
+    const bool any = __any_sync(0xffffffffu, e0 <= qmax || e1 <= qmax);
+    const bool all = __all_sync(0xffffffffu, e0 <= qmin && e1 <= qmin);
+    if (lane == 0) flags[t - begin] = any ? (all && rows_complete ? 2 : 1) : 0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int t = begin; t < end; ++t)
+      if (flags[t - begin]) list[n++] = uint16_t(t) | (flags[t - begin] == 2 ? kFullTile : 0);
+    *count = n;
+  }
+  __syncthreads();
+  return *count;
+}
+
+// Block-wide min and max of the blocks of the real (non-padding) folded rows [row0, row0 + nrows).
+__device__ void QueryBlockRange(const Params& p, int b, int64_t row0, int nrows, int* red, int* qmin, int* qmax,
+                                bool* complete) {
+  if (threadIdx.x == 0) red[0] = INT_MAX, red[1] = INT_MIN, red[2] = 1;
+  __syncthreads();
+  for (int r = threadIdx.x; r < nrows; r += kThreads) {
+    const int64_t t = (row0 + r) / p.group;
+    if (t < p.tq) {
+      const int qb = QueryBlock(p, b, t);
+      atomicMin(&red[0], qb);
+      atomicMax(&red[1], qb);
+    } else {
+      red[2] = 0;
+    }
+  }
+  __syncthreads();
+  *qmin = red[0], *qmax = red[1], *complete = red[2] != 0;
+}
+
+// Logit transform: softcap * tanh(scale * s / softcap), or scale * s; also d logit / d s.
+__device__ __forceinline__ float Logit(const Params& p, float s, float* dlogit) {
+  if (p.softcap > 0.0f) {
+    const float th = tanhf(s * p.softmax_scale / p.softcap);
+    if (dlogit) *dlogit = p.softmax_scale * (1.0f - th * th);
+    return p.softcap * th;
+  }
+  if (dlogit) *dlogit = p.softmax_scale;
+  return s * p.softmax_scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+constexpr int kFwdRows = 128;  // 8 warps x 16 rows
+
+template <int D>
+constexpr int FwdSmemBytes() {
+  return (kFwdRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 16;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    ForwardKernel(Params p, AttentionForwardOut out, float* partial, int tiles_per_split) {
+  constexpr int kChunks = D / 8, kDTiles = D / 8;
+  extern __shared__ __align__(128) char smem[];
+  const Tile sq{smem, kChunks};
+  // Stage st of the double-buffered K and V tiles (computed, not indexed, to stay in registers).
+  auto sk = [&](int st) { return Tile{smem + (kFwdRows + st * kKeysPerTile) * D * 2, kChunks}; };
+  auto sv = [&](int st) { return Tile{smem + (kFwdRows + (2 + st) * kKeysPerTile) * D * 2, kChunks}; };
+  int* eff = reinterpret_cast<int*>(smem + (kFwdRows + 4 * kKeysPerTile) * D * 2);  // [2][64]
+  int* red = eff + 2 * kKeysPerTile;                                                 // 4 ints
+  const int n_tiles_total = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
+  uint8_t* flags = reinterpret_cast<uint8_t*>(red + 4);
+  uint16_t* list = reinterpret_cast<uint16_t*>(flags + ((tiles_per_split + 1) & ~1));
+
+  const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv, split = blockIdx.z;
+  const int64_t row0 = int64_t(blockIdx.x) * kFwdRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  LoadQueryRows<D>(p, p.q, sq, b, h, row0, kFwdRows);
+  CpAsyncCommit();
+  int qmin, qmax;
+  bool complete;
+  QueryBlockRange(p, b, row0, kFwdRows, red, &qmin, &qmax, &complete);
+  const int begin = split * tiles_per_split;
+  const int end = min(n_tiles_total, begin + tiles_per_split);
+  const int n = ListKeyTiles(p, b, qmin, qmax, complete, begin, max(begin, end), list, flags, red + 3);
+
+  // This thread's two rows (r0 and r0 + 8 of the warp's 16) and their query blocks.
+  const int r0 = 16 * warp + lane / 4;
+  int qb[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t t = (row0 + r0 + 8 * i) / p.group;
+    qb[i] = t < p.tq ? QueryBlock(p, b, t) : INT_MIN;
+  }
+
+  float o[kDTiles][4];
+  Zero(o);
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  if (n > 0) LoadKeyTile<D>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
+  CpAsyncCommit();
+  for (int it = 0; it < n; ++it) {
+    const int st = it & 1;
+    if (it + 1 < n) {
+      LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
+      CpAsyncCommit();
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+
+    float s[8][4];
+    Zero(s);
+    WarpMma<T, 8, false, false>(s, sq, 16 * warp, sk(st), 0, D / 16);
+
+    const bool full = list[it] & kFullTile;
+    const int* e = eff + st * kKeysPerTile;
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float y = Logit(p, s[nt][i], nullptr) * kLog2e;
+        if (!full && e[nt * 8 + 2 * (lane % 4) + (i & 1)] > qb[i / 2]) y = -INFINITY;
+        s[nt][i] = y;
+        mx[i / 2] = fmaxf(mx[i / 2], y);
+      }
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row that has seen nothing yet stays at zero
+      alpha[i] = exp2f(m[i] - base[i]);
+      m[i] = mx[i];
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      o[dt][0] *= alpha[0], o[dt][1] *= alpha[0], o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        s[nt][i] = exp2f(s[nt][i] - base[i / 2]);
+        l[i / 2] += s[nt][i];
+      }
+    }
+    // O += P V, P straight from the S accumulators (their layout is the A operand's).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t a[4] = {Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]), Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]),
+                             Elem<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const int mi = lane / 8;
+#pragma unroll
+      for (int np = 0; np < kDTiles / 2; ++np) {
+        uint32_t bf[4];
+        LdmatrixTrans(bf, sv(st).Addr(16 * kk + (mi % 2) * 8 + lane % 8, 2 * np + mi / 2));
+        Elem<T>::Mma(o[2 * np], a, bf[0], bf[1]);
+        Elem<T>::Mma(o[2 * np + 1], a, bf[2], bf[3]);
+      }
+    }
+    __syncthreads();  // this stage is refilled in the next iteration
+  }
+  CpAsyncWait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  const float inv[2] = {l[0] > 0.0f ? 1.0f / l[0] : 0.0f, l[1] > 0.0f ? 1.0f / l[1] : 0.0f};
+  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
+
+  if (partial == nullptr) {
+    // Stage this warp's 16 output rows in its own Q rows, then store them with 16-byte writes.
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      sq.Store2(r0, dt * 8 + 2 * (lane % 4), Elem<T>::Pack(o[dt][0] * inv[0], o[dt][1] * inv[0]));
+      sq.Store2(r0 + 8, dt * 8 + 2 * (lane % 4), Elem<T>::Pack(o[dt][2] * inv[1], o[dt][3] * inv[1]));
+    }
+    __syncwarp();
+    for (int i = lane; i < 16 * kChunks; i += 32) {
+      const int r = 16 * warp + i / kChunks, c = i % kChunks;
+      const int64_t row = row0 + r, t = row / p.group;
+      if (t < p.tq) {
+        char* dst = static_cast<char*>(out.o) + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group) + c * 8) * 2;
+        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(sq.At(r, c));
+      }
+    }
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t row = row0 + r0 + 8 * i, t = row / p.group;
+        if (t < p.tq)
+          out.lse[(int64_t(b) * p.hq + h * p.group + row % p.group) * p.tq + t] =
+              l[i] > 0.0f ? (m[i] + log2f(l[i])) * kLn2 : -INFINITY;
+      }
+    }
+    return;
+  }
+  // Key split: write this split's normalised partial output, running max (log2 units) and sum.
+  float* po = partial + split * rows_total * D;
+  float* pm = partial + int64_t(gridDim.z) * rows_total * D + split * rows_total;
+  float* pl = pm + int64_t(gridDim.z) * rows_total;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = row0 + r0 + 8 * i, t = row / p.group;
+    if (t >= p.tq) continue;
+    const int64_t orow = (int64_t(b) * p.tq + t) * p.hq + h * p.group + row % p.group;
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      *reinterpret_cast<float2*>(po + orow * D + dt * 8 + 2 * (lane % 4)) =
+          make_float2(o[dt][2 * i] * inv[i], o[dt][2 * i + 1] * inv[i]);
+    }
+    if (lane % 4 == 0) pm[orow] = m[i], pl[orow] = l[i];
+  }
+}
+
+// Merges the key splits: one warp per output row.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) CombineKernel(Params p, AttentionForwardOut out, const float* partial,
+                                                          int splits) {
+  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows_total) return;
+  const float* po = partial;
+  const float* pm = partial + splits * rows_total * D;
+  const float* pl = pm + splits * rows_total;
+  const float ms = lane < splits ? pm[lane * rows_total + row] : -INFINITY;
+  const float ls = lane < splits ? pl[lane * rows_total + row] : 0.0f;
+  float mx = ms;
+  for (int off = 16; off; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  const float w = ls > 0.0f ? ls * exp2f(ms - mx) : 0.0f;
+  float sum = w;
+  for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  constexpr int kPerLane = D / 32;
+  float acc[kPerLane] = {};
+  for (int s = 0; s < splits; ++s) {
+    const float ws = __shfl_sync(0xffffffffu, w, s);
+    if (ws == 0.0f) continue;
+    const float* src = po + (s * rows_total + row) * D + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] += ws * src[i];
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  T* dst = static_cast<T*>(out.o) + row * D + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; i += 2) {
+    *reinterpret_cast<uint32_t*>(dst + i) = Elem<T>::Pack(acc[i] * inv, acc[i + 1] * inv);
+  }
+  if (lane == 0) {
+    const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
+    out.lse[(b * p.hq + head) * p.tq + t] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+constexpr int kBwdRows = 64;  // query rows per tile in both backward kernels
+
+// delta = rowsum(dO * O); lse2 = lse in log2 units, +inf for rows that see no key (so P = 0 there).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) BackwardPrepKernel(Params p, AttentionBackwardArgs g, float* delta,
+                                                               float* lse2) {
+  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;  // (b, t, head)
+  const int lane = threadIdx.x % 32;
+  if (row >= rows_total) return;
+  float acc = 0.0f;
+  for (int c = lane; c < D / 8; c += 32) {
+    const int4 ov = reinterpret_cast<const int4*>(static_cast<const T*>(g.o) + row * D)[c];
+    const int4 dv = reinterpret_cast<const int4*>(static_cast<const T*>(g.d_o) + row * D)[c];
+    const uint32_t* ou = reinterpret_cast<const uint32_t*>(&ov);
+    const uint32_t* du = reinterpret_cast<const uint32_t*>(&dv);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 a = Elem<T>::Unpack(ou[i]), d = Elem<T>::Unpack(du[i]);
+      acc += a.x * d.x + a.y * d.y;
+    }
+  }
+  for (int off = 16; off; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) {
+    const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
+    const int64_t i = (b * p.hq + head) * p.tq + t;
+    const float lse = g.lse[i];
+    delta[i] = acc;
+    lse2[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+  }
+}
+
+// Per-row data of a backward query tile: lse2, delta and query block (INT_MIN, lse2 = +inf on padding).
+struct RowInfo {
+  float* lse2;
+  float* delta;
+  int* qb;
+};
+
+__device__ __forceinline__ void LoadRowInfo(const Params& p, const float* lse2, const float* delta, RowInfo dst,
+                                            int b, int h, int64_t row0) {
+  if (threadIdx.x < kBwdRows) {
+    const int64_t row = row0 + threadIdx.x, t = row / p.group;
+    if (t < p.tq) {
+      const int64_t i = (int64_t(b) * p.hq + h * p.group + row % p.group) * p.tq + t;
+      dst.lse2[threadIdx.x] = lse2[i], dst.delta[threadIdx.x] = delta[i], dst.qb[threadIdx.x] = QueryBlock(p, b, t);
+    } else {
+      dst.lse2[threadIdx.x] = INFINITY, dst.delta[threadIdx.x] = 0.0f, dst.qb[threadIdx.x] = INT_MIN;
+    }
+  }
+}
+
+// One warp's 16 x 32 block of P and dS (rows m0.., keys n0..) of a 64 x 64 tile, stored to shared
+// memory as [row][key] in T. s holds Q K^T, dp holds dO V^T.
+template <typename T>
+__device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], const float (&dp)[4][4], int m0,
+                                            int n0, const RowInfo& ri, const int* eff, bool full, const Tile* sp,
+                                            const Tile& sds) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+      const int r = m0 + lane / 4 + 4 * i, c = n0 + nt * 8 + 2 * (lane % 4);
+      float pv[2], ds[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float dlogit;
+        const float y = Logit(p, s[nt][i + e], &dlogit) * kLog2e;
+        const bool vis = full || eff[c + e] <= ri.qb[r];
+        pv[e] = vis ? exp2f(y - ri.lse2[r]) : 0.0f;
+        ds[e] = pv[e] * (dp[nt][i + e] - ri.delta[r]) * dlogit;
+      }
+      if (sp) sp->Store2(r, c, Elem<T>::Pack(pv[0], pv[1]));
+      sds.Store2(r, c, Elem<T>::Pack(ds[0], ds[1]));
+    }
+  }
+}
+
+template <int D>
+constexpr int BwdKVSmemBytes() {
+  return (2 * kKeysPerTile * D + 4 * kBwdRows * D + 2 * kBwdRows * kKeysPerTile) * 2 + kKeysPerTile * 4 +
+         2 * 3 * kBwdRows * 4 + 16;
+}
+
+// dK, dV for one key tile of one (batch, KV head), looping over every query tile that sees it.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    BackwardKVKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
+  constexpr int kChunks = D / 8, kHalfTiles = D / 16;  // n tiles of 8 in half of D
+  extern __shared__ __align__(128) char smem[];
+  char* ptr = smem;
+  auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
+  const Tile sk{take(kKeysPerTile * D * 2), kChunks}, sv{take(kKeysPerTile * D * 2), kChunks};
+  char* q_stages = take(2 * kBwdRows * D * 2);
+  char* do_stages = take(2 * kBwdRows * D * 2);
+  auto sq = [&](int st) { return Tile{q_stages + st * kBwdRows * D * 2, kChunks}; };
+  auto sdo = [&](int st) { return Tile{do_stages + st * kBwdRows * D * 2, kChunks}; };
+  const Tile sp{take(kBwdRows * kKeysPerTile * 2), kKeysPerTile / 8};
+  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kKeysPerTile / 8};
+  int* eff = reinterpret_cast<int*>(take(kKeysPerTile * 4));
+  char* row_info = take(2 * 3 * kBwdRows * 4);
+  auto ri = [&](int st) {
+    float* f = reinterpret_cast<float*>(row_info) + st * 3 * kBwdRows;
+    return RowInfo{f, f + kBwdRows, reinterpret_cast<int*>(f + 2 * kBwdRows)};
+  };
+  int* red = reinterpret_cast<int*>(take(16));
+  const int n_qtiles = int((p.rows + kBwdRows - 1) / kBwdRows);
+  uint8_t* flags = reinterpret_cast<uint8_t*>(take((n_qtiles + 1) & ~1));
+  uint16_t* list = reinterpret_cast<uint16_t*>(ptr);
+
+  const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv, ktile = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % 4, wn = warp / 4;
+
+  LoadKeyTile<D>(p, sk, sv, eff, b, h, ktile);
+  CpAsyncCommit();
+  // Key range of this tile: the smallest visible block and whether some key is invisible.
+  if (threadIdx.x == 0) red[0] = INT_MAX, red[1] = INT_MIN;
+  __syncthreads();
+  if (threadIdx.x < kKeysPerTile) {
+    atomicMin(&red[0], eff[threadIdx.x]);
+    atomicMax(&red[1], eff[threadIdx.x]);
+  }
+  __syncthreads();
+  const int kmin = red[0], kmax = red[1];
+  // Query tiles that see this key tile (any row's block >= kmin), full when every row sees every key.
+  for (int t = warp; t < n_qtiles; t += kThreads / 32) {
+    int lo = INT_MAX, hi = INT_MIN;
+    bool pad = false;
+    for (int r = lane; r < kBwdRows; r += 32) {
+      const int64_t qt = (int64_t(t) * kBwdRows + r) / p.group;
+      if (qt < p.tq) {
+        const int qb = QueryBlock(p, b, qt);
+        lo = min(lo, qb), hi = max(hi, qb);
+      } else {
+        pad = true;
+      }
+    }
+    for (int off = 16; off; off /= 2) {
+      lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+      hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    }
+    pad = __any_sync(0xffffffffu, pad);
+    if (lane == 0) flags[t] = (kmin != kInvisible && hi >= kmin) ? (!pad && lo >= kmax ? 2 : 1) : 0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int t = 0; t < n_qtiles; ++t)
+      if (flags[t]) list[n++] = uint16_t(t) | (flags[t] == 2 ? kFullTile : 0);
+    red[2] = n;
+  }
+  __syncthreads();
+  const int n = red[2];
+
+  float dv[kHalfTiles][4], dk[kHalfTiles][4];
+  Zero(dv);
+  Zero(dk);
+  auto load_rows = [&](int i, int st) {
+    const int64_t r0 = int64_t(list[i] & ~kFullTile) * kBwdRows;
+    LoadQueryRows<D>(p, p.q, sq(st), b, h, r0, kBwdRows);
+    LoadQueryRows<D>(p, static_cast<const char*>(g.d_o), sdo(st), b, h, r0, kBwdRows);
+    LoadRowInfo(p, lse2, delta, ri(st), b, h, r0);
+  };
+  if (n > 0) load_rows(0, 0);
+  CpAsyncCommit();
+  for (int it = 0; it < n; ++it) {
+    const int st = it & 1;
+    if (it + 1 < n) {
+      load_rows(it + 1, st ^ 1);
+      CpAsyncCommit();
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    {
+      float s[4][4], dp[4][4];
+      Zero(s);
+      Zero(dp);
+      WarpMma<T, 4, false, false>(s, sq(st), 16 * wm, sk, 32 * wn, D / 16);
+      WarpMma<T, 4, false, false>(dp, sdo(st), 16 * wm, sv, 32 * wn, D / 16);
+      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wn, ri(st), eff, list[it] & kFullTile, &sp, sds);
+    }
+    __syncthreads();
+    // dV += P^T dO and dK += dS^T Q: this warp's 16 keys x half of D, reducing over the 64 rows.
+    WarpMma<T, kHalfTiles, true, true>(dv, sp, 16 * wm, sdo(st), wn * D / 2, kBwdRows / 16);
+    WarpMma<T, kHalfTiles, true, true>(dk, sds, 16 * wm, sq(st), wn * D / 2, kBwdRows / 16);
+    __syncthreads();
+  }
+  CpAsyncWait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t j = int64_t(ktile) * kKeysPerTile + 16 * wm + lane / 4 + 8 * i;
+    if (j >= p.tk) continue;
+    const bool first = j < p.tk1;
+    const int64_t off = first ? RowOffset<D>(b, j, p.tk1, p.hkv, h) : RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h);
+    T* dkr = static_cast<T*>(first ? g.dk : g.dk2) + off;
+    T* dvr = static_cast<T*>(first ? g.dv : g.dv2) + off;
+#pragma unroll
+    for (int dt = 0; dt < kHalfTiles; ++dt) {
+      const int c = wn * D / 2 + dt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(dkr + c) = Elem<T>::Pack(dk[dt][2 * i], dk[dt][2 * i + 1]);
+      *reinterpret_cast<uint32_t*>(dvr + c) = Elem<T>::Pack(dv[dt][2 * i], dv[dt][2 * i + 1]);
+    }
+  }
+}
+
+template <int D>
+constexpr int BwdQSmemBytes() {
+  return (2 * kBwdRows * D + 4 * kKeysPerTile * D + kBwdRows * kKeysPerTile) * 2 + 2 * kKeysPerTile * 4 +
+         3 * kBwdRows * 4 + 16;
+}
+
+// dQ for one query tile of one (batch, KV head), looping over the key tiles it sees.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1)
+    BackwardQKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
+  constexpr int kChunks = D / 8, kHalfTiles = D / 16;
+  extern __shared__ __align__(128) char smem[];
+  char* ptr = smem;
+  auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
+  const Tile sq{take(kBwdRows * D * 2), kChunks}, sdo{take(kBwdRows * D * 2), kChunks};
+  char* k_stages = take(2 * kKeysPerTile * D * 2);
+  char* v_stages = take(2 * kKeysPerTile * D * 2);
+  auto sk = [&](int st) { return Tile{k_stages + st * kKeysPerTile * D * 2, kChunks}; };
+  auto sv = [&](int st) { return Tile{v_stages + st * kKeysPerTile * D * 2, kChunks}; };
+  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kKeysPerTile / 8};
+  int* eff = reinterpret_cast<int*>(take(2 * kKeysPerTile * 4));
+  RowInfo ri{reinterpret_cast<float*>(take(kBwdRows * 4)), reinterpret_cast<float*>(take(kBwdRows * 4)),
+             reinterpret_cast<int*>(take(kBwdRows * 4))};
+  int* red = reinterpret_cast<int*>(take(16));
+  const int n_ktiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
+  uint8_t* flags = reinterpret_cast<uint8_t*>(take((n_ktiles + 1) & ~1));
+  uint16_t* list = reinterpret_cast<uint16_t*>(ptr);
+
+  const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv;
+  const int64_t row0 = int64_t(blockIdx.x) * kBwdRows;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp % 4, wn = warp / 4;
+
+  LoadQueryRows<D>(p, p.q, sq, b, h, row0, kBwdRows);
+  LoadQueryRows<D>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0, kBwdRows);
+  CpAsyncCommit();
+  LoadRowInfo(p, lse2, delta, ri, b, h, row0);
+  int qmin, qmax;
+  bool complete;
+  QueryBlockRange(p, b, row0, kBwdRows, red, &qmin, &qmax, &complete);
+  const int n = ListKeyTiles(p, b, qmin, qmax, complete, 0, n_ktiles, list, flags, red + 3);
+
+  float dq[kHalfTiles][4];
+  Zero(dq);
+  if (n > 0) LoadKeyTile<D>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
+  CpAsyncCommit();
+  for (int it = 0; it < n; ++it) {
+    const int st = it & 1;
+    if (it + 1 < n) {
+      LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
+      CpAsyncCommit();
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    __syncthreads();
+    {
+      float s[4][4], dp[4][4];
+      Zero(s);
+      Zero(dp);
+      WarpMma<T, 4, false, false>(s, sq, 16 * wm, sk(st), 32 * wn, D / 16);
+      WarpMma<T, 4, false, false>(dp, sdo, 16 * wm, sv(st), 32 * wn, D / 16);
+      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wn, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
+    }
+    __syncthreads();
+    // dQ += dS K: this warp's 16 rows x half of D, reducing over the 64 keys.
+    WarpMma<T, kHalfTiles, false, true>(dq, sds, 16 * wm, sk(st), wn * D / 2, kKeysPerTile / 16);
+    __syncthreads();
+  }
+  CpAsyncWait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int64_t row = row0 + 16 * wm + lane / 4 + 8 * i, t = row / p.group;
+    if (t >= p.tq) continue;
+    T* dqr = static_cast<T*>(g.dq) + RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group);
+#pragma unroll
+    for (int dt = 0; dt < kHalfTiles; ++dt) {
+      const int c = wn * D / 2 + dt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(dqr + c) = Elem<T>::Pack(dq[dt][2 * i], dq[dt][2 * i + 1]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+Params MakeParams(const AttentionArgs& a) {
+  Params p{};
+  p.q = static_cast<const char*>(a.q);
+  p.k = static_cast<const char*>(a.k);
+  p.v = static_cast<const char*>(a.v);
+  p.k2 = static_cast<const char*>(a.k2);
+  p.v2 = static_cast<const char*>(a.v2);
+  p.batch = int(a.batch), p.hq = int(a.hq), p.hkv = int(a.hkv), p.group = int(a.group());
+  p.tq = a.tq, p.tk1 = a.tk1, p.tk2 = a.tk2, p.tk = a.tk(), p.rows = a.tq * a.group();
+  p.softmax_scale = a.softmax_scale, p.softcap = a.softcap;
+  p.q_block = a.q_block, p.k_block = a.k_block, p.k_valid = a.k_valid;
+  return p;
+}
+
+constexpr int kMaxSmemBytes = 227 * 1024;  // per block on sm_90
+
+template <typename K>
+cudaError_t SetSmem(K kernel, int bytes) {
+  if (bytes > kMaxSmemBytes) return cudaErrorInvalidValue;  // too many tiles to list (very long sequence)
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+int ListBytes(int n) { return ((n + 1) & ~1) + 2 * n + 16; }
+
+template <typename T, int D>
+cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, void* workspace, cudaStream_t stream) {
+  const Params p = MakeParams(a);
+  const int n_tiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
+  const int splits = int(AttentionKeySplits(a.batch, a.tq, a.tk(), a.hq, a.hkv));
+  const int per_split = (n_tiles + splits - 1) / splits;
+  const int smem = FwdSmemBytes<D>() + ListBytes(per_split);
+  auto kernel = ForwardKernel<T, D>;
+  if (cudaError_t e = SetSmem(kernel, smem); e != cudaSuccess) return e;
+  const dim3 grid(unsigned((p.rows + kFwdRows - 1) / kFwdRows), unsigned(p.batch * p.hkv), unsigned(splits));
+  float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  kernel<<<grid, kThreads, smem, stream>>>(p, out, partial, per_split);
+  if (splits > 1) {
+    const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
+    CombineKernel<T, D><<<unsigned((rows_total + 7) / 8), kThreads, 0, stream>>>(p, out, partial, splits);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t Backward(const AttentionArgs& a, const AttentionBackwardArgs& g, void* workspace, cudaStream_t stream) {
+  const Params p = MakeParams(a);
+  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
+  float* delta = static_cast<float*>(workspace);
+  float* lse2 = delta + rows_total;
+  BackwardPrepKernel<T, D><<<unsigned((rows_total + 7) / 8), kThreads, 0, stream>>>(p, g, delta, lse2);
+
+  const int n_ktiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
+  const int n_qtiles = int((p.rows + kBwdRows - 1) / kBwdRows);
+  const int kv_smem = BwdKVSmemBytes<D>() + ListBytes(n_qtiles);
+  auto kv_kernel = BackwardKVKernel<T, D>;
+  if (cudaError_t e = SetSmem(kv_kernel, kv_smem); e != cudaSuccess) return e;
+  kv_kernel<<<dim3(unsigned(n_ktiles), unsigned(p.batch * p.hkv)), kThreads, kv_smem, stream>>>(p, g, delta, lse2);
+
+  const int q_smem = BwdQSmemBytes<D>() + ListBytes(n_ktiles);
+  auto q_kernel = BackwardQKernel<T, D>;
+  if (cudaError_t e = SetSmem(q_kernel, q_smem); e != cudaSuccess) return e;
+  q_kernel<<<dim3(unsigned(n_qtiles), unsigned(p.batch * p.hkv)), kThreads, q_smem, stream>>>(p, g, delta, lse2);
+  return cudaGetLastError();
+}
+
+template <template <typename, int> class Fn, typename... Args>
+cudaError_t Dispatch(const AttentionArgs& a, Args&&... args) {
+  const bool bf16 = a.dtype == DType::kBF16;
+  switch (a.head_dim) {
+    case 64: return bf16 ? Fn<__nv_bfloat16, 64>::Run(a, args...) : Fn<__half, 64>::Run(a, args...);
+    case 128: return bf16 ? Fn<__nv_bfloat16, 128>::Run(a, args...) : Fn<__half, 128>::Run(a, args...);
+    case 256: return bf16 ? Fn<__nv_bfloat16, 256>::Run(a, args...) : Fn<__half, 256>::Run(a, args...);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int D>
+struct ForwardFn {
+  static cudaError_t Run(const AttentionArgs& a, const AttentionForwardOut& out, void* ws, cudaStream_t s) {
+    return Forward<T, D>(a, out, ws, s);
+  }
+};
+template <typename T, int D>
+struct BackwardFn {
+  static cudaError_t Run(const AttentionArgs& a, const AttentionBackwardArgs& g, void* ws, cudaStream_t s) {
+    return Backward<T, D>(a, g, ws, s);
+  }
+};
+
+}  // namespace
+
+cudaError_t AttentionForward(const AttentionArgs& a, const AttentionForwardOut& out, void* workspace,
+                             cudaStream_t stream) {
+  return Dispatch<ForwardFn>(a, out, workspace, stream);
+}
+
+cudaError_t AttentionBackward(const AttentionArgs& a, const AttentionBackwardArgs& g, void* workspace,
+                              cudaStream_t stream) {
+  return Dispatch<BackwardFn>(a, g, workspace, stream);
+}
+
+}  // namespace fr::cuda
