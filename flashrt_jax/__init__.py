@@ -6,6 +6,7 @@ Every op is an XLA FFI custom call registered for CPU (C++ reference kernels) an
 
 from flashrt_jax import reference
 from flashrt_jax.ffi import cuda_available
+from flashrt_jax.ops.attention import attention, make_attention_mask_ids, openpi_attention
 from flashrt_jax.ops.gemm import Fp8Recipe, Fp8Weight, fp8_dense, fp8_gemm, takes_fp8_path
 from flashrt_jax.ops.quant import dequantize, quantize, quantize_transpose
 from flashrt_jax import convert, linen, nnx  # noqa: E402  (they build on the ops above)
@@ -25,10 +26,13 @@ __all__ = [
     "quantize_params",
     "Fp8Recipe",
     "Fp8Weight",
+    "attention",
     "cuda_available",
     "dequantize",
     "fp8_dense",
     "fp8_gemm",
+    "make_attention_mask_ids",
+    "openpi_attention",
     "quantize",
     "quantize_transpose",
     "reference",

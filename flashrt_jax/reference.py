@@ -125,3 +125,56 @@ def fp8_dense_frozen(x, w_data, w_scale, bias=None, *, granularity: str = "row",
   out_dtype = out_dtype or x.dtype
   xq, sx = quantize(x, granularity=granularity)
   return fp8_gemm(xq, sx, w_data, w_scale, out_dtype=out_dtype, bias=bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_visible(batch: int, tq: int, tk: int, *, q_block_ids=None, k_block_ids=None, k_valid=None):
+  """(batch, tq, tk) bool: query i sees key j iff k_valid[j] and k_block_ids[j] <= q_block_ids[i]."""
+  vis = jnp.ones((batch, tq, tk), bool)
+  if q_block_ids is not None:
+    vis = vis & (k_block_ids[:, None, :] <= q_block_ids[:, :, None])
+  if k_valid is not None:
+    vis = vis & (k_valid[:, None, :] != 0)
+  return vis
+
+
+def attention(q, k, v, *, q_block_ids=None, k_block_ids=None, k_valid=None, prefix_kv=None,
+              softmax_scale=None, softcap=None, return_lse: bool = False):
+  """softmax(softcap(scale * q k^T) | visible) v in float32: the definition of flashrt attention.
+
+  q (B, Tq, Hq, D); k, v (B, Tk, Hkv, D) with Hq a multiple of Hkv (query head h uses KV head
+  h // (Hq // Hkv)); prefix_kv (k_p, v_p) each (B, Tp, Hkv, D) is prepended to the key axis.
+  Masks span the whole key axis: q_block_ids (B, Tq), k_block_ids (B, Tp + Tk), k_valid (B, Tp + Tk).
+  softmax_scale None: 1 / sqrt(D); softcap None: off, else logits = softcap * tanh(logits / softcap).
+  A query with no visible key gets o = 0 and lse = -inf, and passes no gradient.
+
+  Returns o (B, Tq, Hq, D) in q's dtype, and lse (B, Hq, Tq) float32 with return_lse.
+  """
+  f32 = lambda x: x.astype(jnp.float32)
+  if prefix_kv is not None:
+    k = jnp.concatenate([prefix_kv[0], k], axis=1)
+    v = jnp.concatenate([prefix_kv[1], v], axis=1)
+  b, tq, hq, d = q.shape
+  tk, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  scale = d ** -0.5 if softmax_scale is None else softmax_scale
+  hi = jax.lax.Precision.HIGHEST
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", f32(q).reshape(b, tq, hkv, g, d), f32(k), precision=hi) * scale
+  if softcap is not None:
+    s = softcap * jnp.tanh(s / softcap)
+  vis = attention_visible(b, tq, tk, q_block_ids=q_block_ids, k_block_ids=k_block_ids, k_valid=k_valid)
+  s = jnp.where(vis[:, None, None], s, -jnp.inf)
+  m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.exp(s - m)  # exactly 0 where masked
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  nonempty = l > 0
+  o = jnp.einsum("bhgqk,bkhd->bqhgd", p / jnp.where(nonempty, l, 1.0), f32(v), precision=hi)
+  o = o.reshape(b, tq, hq, d).astype(q.dtype)
+  if not return_lse:
+    return o
+  lse = jnp.where(nonempty, jnp.log(jnp.where(nonempty, l, 1.0)) + m, -jnp.inf)
+  return o, lse.reshape(b, hq, tq)
