@@ -71,7 +71,7 @@ struct Elem<__nv_bfloat16> {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
   }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -88,7 +88,7 @@ struct Elem<__half> {
     return __half22float2(*reinterpret_cast<__half2*>(&u));
   }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -113,13 +113,12 @@ struct Tile {
 
 // acc[NT][4] += A (16 x 16*ksteps, rows m0..) * B (16*ksteps x 8*NT, cols n0..) for one warp.
 // A is stored [m][k] (or [k][m] when kATrans); B is stored [n][k] (or [k][n] when kBTrans).
-template <typename T, int NT, bool kATrans, bool kBTrans>
-__device__ __forceinline__ void WarpMma(float (&acc)[NT][4], const Tile& a, int m0, const Tile& b, int n0,
-                                        int ksteps) {
+template <typename T, int NT, int KSTEPS, bool kATrans, bool kBTrans>
+__device__ __forceinline__ void WarpMma(float (&acc)[NT][4], const Tile& a, int m0, const Tile& b, int n0) {
   static_assert(NT % 2 == 0, "n tiles come in pairs");
   const int lane = threadIdx.x % 32, mi = lane / 8;
-#pragma unroll 4
-  for (int kk = 0; kk < ksteps; ++kk) {
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
     uint32_t af[4];
     if (kATrans) {
       LdmatrixTrans(af, a.Addr(16 * kk + (lane / 16) * 8 + lane % 8, m0 / 8 + mi % 2));
@@ -262,17 +261,6 @@ __device__ void QueryBlockRange(const Params& p, int b, int64_t row0, int nrows,
   *qmin = red[0], *qmax = red[1], *complete = red[2] != 0;
 }
 
-// Logit transform: softcap * tanh(scale * s / softcap), or scale * s; also d logit / d s.
-__device__ __forceinline__ float Logit(const Params& p, float s, float* dlogit) {
-  if (p.softcap > 0.0f) {
-    const float th = tanhf(s * p.softmax_scale / p.softcap);
-    if (dlogit) *dlogit = p.softmax_scale * (1.0f - th * th);
-    return p.softcap * th;
-  }
-  if (dlogit) *dlogit = p.softmax_scale;
-  return s * p.softmax_scale;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
@@ -339,21 +327,34 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     float s[8][4];
     Zero(s);
-    WarpMma<T, 8, false, false>(s, sq, 16 * warp, sk(st), 0, D / 16);
+    WarpMma<T, 8, D / 16, false, false>(s, sq, 16 * warp, sk(st), 0);
 
-    const bool full = list[it] & kFullTile;
-    const int* e = eff + st * kKeysPerTile;
+    // Logits in log2 units; branches stay outside the element loops so the MMAs around them can overlap.
+    if (p.softcap > 0.0f) {
+      const float pre = p.softmax_scale / p.softcap, post = p.softcap * kLog2e;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[nt][i] = post * tanhf(pre * s[nt][i]);
+    } else {
+      const float scale = p.softmax_scale * kLog2e;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[nt][i] *= scale;
+    }
+    if (!(list[it] & kFullTile)) {
+      const int* e = eff + st * kKeysPerTile + 2 * (lane % 4);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s[nt][i] = e[nt * 8 + (i & 1)] > qb[i / 2] ? -INFINITY : s[nt][i];
+    }
     float mx[2] = {m[0], m[1]};
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float y = Logit(p, s[nt][i], nullptr) * kLog2e;
-        if (!full && e[nt * 8 + 2 * (lane % 4) + (i & 1)] > qb[i / 2]) y = -INFINITY;
-        s[nt][i] = y;
-        mx[i / 2] = fmaxf(mx[i / 2], y);
-      }
-    }
+      for (int i = 0; i < 4; ++i) mx[i / 2] = fmaxf(mx[i / 2], s[nt][i]);
     float alpha[2], base[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -549,6 +550,23 @@ __device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], c
                                             int n0, const RowInfo& ri, const int* eff, bool full, const Tile* sp,
                                             const Tile& sds) {
   const int lane = threadIdx.x % 32;
+  float dlogit[4][4];  // d logit / d s, with s in log2 units afterwards
+  if (p.softcap > 0.0f) {
+    const float pre = p.softmax_scale / p.softcap, post = p.softcap * kLog2e;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float th = tanhf(pre * s[nt][i]);
+        s[nt][i] = post * th;
+        dlogit[nt][i] = p.softmax_scale * (1.0f - th * th);
+      }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] *= p.softmax_scale * kLog2e, dlogit[nt][i] = p.softmax_scale;
+  }
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
@@ -557,11 +575,9 @@ __device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], c
       float pv[2], ds[2];
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        float dlogit;
-        const float y = Logit(p, s[nt][i + e], &dlogit) * kLog2e;
-        const bool vis = full || eff[c + e] <= ri.qb[r];
-        pv[e] = vis ? exp2f(y - ri.lse2[r]) : 0.0f;
-        ds[e] = pv[e] * (dp[nt][i + e] - ri.delta[r]) * dlogit;
+        const bool vis = full | (eff[c + e] <= ri.qb[r]);
+        pv[e] = vis ? exp2f(s[nt][i + e] - ri.lse2[r]) : 0.0f;
+        ds[e] = pv[e] * (dp[nt][i + e] - ri.delta[r]) * dlogit[nt][i + e];
       }
       if (sp) sp->Store2(r, c, Elem<T>::Pack(pv[0], pv[1]));
       sds.Store2(r, c, Elem<T>::Pack(ds[0], ds[1]));
@@ -671,14 +687,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       float s[4][4], dp[4][4];
       Zero(s);
       Zero(dp);
-      WarpMma<T, 4, false, false>(s, sq(st), 16 * wm, sk, 32 * wn, D / 16);
-      WarpMma<T, 4, false, false>(dp, sdo(st), 16 * wm, sv, 32 * wn, D / 16);
+      WarpMma<T, 4, D / 16, false, false>(s, sq(st), 16 * wm, sk, 32 * wn);
+      WarpMma<T, 4, D / 16, false, false>(dp, sdo(st), 16 * wm, sv, 32 * wn);
       SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wn, ri(st), eff, list[it] & kFullTile, &sp, sds);
     }
     __syncthreads();
     // dV += P^T dO and dK += dS^T Q: this warp's 16 keys x half of D, reducing over the 64 rows.
-    WarpMma<T, kHalfTiles, true, true>(dv, sp, 16 * wm, sdo(st), wn * D / 2, kBwdRows / 16);
-    WarpMma<T, kHalfTiles, true, true>(dk, sds, 16 * wm, sq(st), wn * D / 2, kBwdRows / 16);
+    WarpMma<T, kHalfTiles, kBwdRows / 16, true, true>(dv, sp, 16 * wm, sdo(st), wn * D / 2);
+    WarpMma<T, kHalfTiles, kBwdRows / 16, true, true>(dk, sds, 16 * wm, sq(st), wn * D / 2);
     __syncthreads();
   }
   CpAsyncWait<0>();
@@ -760,13 +776,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       float s[4][4], dp[4][4];
       Zero(s);
       Zero(dp);
-      WarpMma<T, 4, false, false>(s, sq, 16 * wm, sk(st), 32 * wn, D / 16);
-      WarpMma<T, 4, false, false>(dp, sdo, 16 * wm, sv(st), 32 * wn, D / 16);
+      WarpMma<T, 4, D / 16, false, false>(s, sq, 16 * wm, sk(st), 32 * wn);
+      WarpMma<T, 4, D / 16, false, false>(dp, sdo, 16 * wm, sv(st), 32 * wn);
       SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wn, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
     }
     __syncthreads();
     // dQ += dS K: this warp's 16 rows x half of D, reducing over the 64 keys.
-    WarpMma<T, kHalfTiles, false, true>(dq, sds, 16 * wm, sk(st), wn * D / 2, kKeysPerTile / 16);
+    WarpMma<T, kHalfTiles, kKeysPerTile / 16, false, true>(dq, sds, 16 * wm, sk(st), wn * D / 2);
     __syncthreads();
   }
   CpAsyncWait<0>();
