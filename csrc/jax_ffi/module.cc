@@ -14,6 +14,8 @@ FLASHRT_DECLARE(QuantizeTransposeCurrent)
 FLASHRT_DECLARE(QuantizeTransposeStatic)
 FLASHRT_DECLARE(Fp8Gemm)
 FLASHRT_DECLARE(Fp8GemmBias)
+FLASHRT_DECLARE(NormFp8)
+FLASHRT_DECLARE(GluFp8)
 
 namespace {
 
@@ -34,6 +36,8 @@ NB_MODULE(FLASHRT_MODULE_NAME, m) {
     targets["flashrt_quantize_transpose_static"] = Capsule(FLASHRT_HANDLER_NAME(QuantizeTransposeStatic));
     targets["flashrt_fp8_gemm"] = Capsule(FLASHRT_HANDLER_NAME(Fp8Gemm));
     targets["flashrt_fp8_gemm_bias"] = Capsule(FLASHRT_HANDLER_NAME(Fp8GemmBias));
+    targets["flashrt_norm_fp8"] = Capsule(FLASHRT_HANDLER_NAME(NormFp8));
+    targets["flashrt_glu_fp8"] = Capsule(FLASHRT_HANDLER_NAME(GluFp8));
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
