@@ -9,6 +9,8 @@ from flashrt_jax.ffi import cuda_available
 from flashrt_jax.ops.attention import attention, make_attention_mask_ids, openpi_attention
 from flashrt_jax.ops.gemm import Fp8Recipe, Fp8Weight, fp8_dense, fp8_gemm, takes_fp8_path
 from flashrt_jax.ops.quant import dequantize, quantize, quantize_transpose
+from flashrt_jax.ops.fused import (ada_rms_norm_fp8, glu_fp8, layer_norm_fp8, residual_rms_norm_fp8,
+                                   rms_norm_fp8)
 from flashrt_jax import convert, linen, nnx  # noqa: E402  (they build on the ops above)
 from flashrt_jax.convert import Layout, dequantize_params, quantize_params
 from flashrt_jax.linen import Fp8DotGeneral, fp8_dot_general
@@ -35,6 +37,11 @@ __all__ = [
     "openpi_attention",
     "quantize",
     "quantize_transpose",
+    "ada_rms_norm_fp8",
+    "glu_fp8",
+    "layer_norm_fp8",
+    "residual_rms_norm_fp8",
+    "rms_norm_fp8",
     "reference",
     "takes_fp8_path",
 ]

@@ -178,3 +178,99 @@ def attention(q, k, v, *, q_block_ids=None, k_block_ids=None, k_valid=None, pref
     return o
   lse = jnp.where(nonempty, jnp.log(jnp.where(nonempty, l, 1.0)) + m, -jnp.inf)
   return o, lse.reshape(b, hq, tq)
+
+# Fused FP8 producers: a norm or a gated activation in float32, then quantize. The kernels compute
+# the same float32 operations in this order, except that their row sums run in another order and
+# tanh / exp / rsqrt may differ in the last ulp, so y agrees to rounding and q to one FP8 step at
+# rare ties; q is bit-exact against quantize() of the kernels' own float32 y.
+
+
+def _as_f32(x):
+  """x in float32, rounded to x's own dtype first: under jit XLA may keep an upstream bfloat16 /
+  float16 result in float32 (excess precision), which the kernels never see."""
+  info = jnp.finfo(x.dtype)
+  return jax.lax.reduce_precision(x.astype(jnp.float32), exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def _fp8_output(y, dtype, scale, granularity, with_unquantized, y_dtype):
+  q, s = quantize(y, dtype=dtype, scale=scale, granularity=granularity)
+  return (q, s, y.astype(y_dtype)) if with_unquantized else (q, s)
+
+
+def rms_norm(x, weight=None, *, eps=1e-6, offset=1.0):
+  """x (..., W) -> float32 x * rsqrt(mean(x^2) + eps) [* (offset + weight)], weight (W,)."""
+  xf = _as_f32(x)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.float32(eps))
+  if weight is not None:
+    y = y * (jnp.float32(offset) + weight.astype(jnp.float32))
+  return y
+
+
+def layer_norm(x, gamma=None, beta=None, *, eps=1e-6):
+  """x (..., W) -> float32 (x - mean) * rsqrt(var + eps) [* gamma] [+ beta], two-pass variance."""
+  xf = _as_f32(x)
+  d = xf - jnp.mean(xf, axis=-1, keepdims=True)
+  y = d * jax.lax.rsqrt(jnp.mean(d * d, axis=-1, keepdims=True) + jnp.float32(eps))
+  if gamma is not None:
+    y = y * gamma.astype(jnp.float32)
+  if beta is not None:
+    y = y + beta.astype(jnp.float32)
+  return y
+
+
+def ada_rms_norm(x, scale_mod, shift_mod, *, eps=1e-6):
+  """x (..., T, W); scale_mod, shift_mod x-shaped or (..., W) (one per token axis) ->
+  float32 rms_norm(x) * (1 + scale_mod) + shift_mod."""
+  if scale_mod.ndim == x.ndim - 1:
+    scale_mod, shift_mod = scale_mod[..., None, :], shift_mod[..., None, :]
+  y = rms_norm(x, eps=eps)
+  return y * (jnp.float32(1.0) + _as_f32(scale_mod)) + _as_f32(shift_mod)
+
+
+def glu(gate, up=None, *, activation: str = "gelu_tanh"):
+  """float32 act(gate) * up; with up=None, gate is [gate | up] (..., 2F). act: "gelu_tanh" or "silu"."""
+  if up is None:
+    f = gate.shape[-1] // 2
+    gate, up = gate[..., :f], gate[..., f:]
+  g = _as_f32(gate)
+  if activation == "silu":
+    a = g * jax.nn.sigmoid(g)
+  else:  # jax.nn.gelu(approximate=True), spelled out in the kernels' order
+    a = g * (0.5 * (1.0 + jnp.tanh(0.7978845608028654 * (g + 0.044715 * (g * g * g)))))
+  return a * _as_f32(up)
+
+
+def rms_norm_fp8(x, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity="row",
+                 dtype=jnp.float8_e4m3fn, with_unquantized=False):
+  """(q, scale[, y]) of rms_norm(x, weight); y in x.dtype."""
+  y = rms_norm(x, weight, eps=eps, offset=offset)
+  return _fp8_output(y, dtype, scale, granularity, with_unquantized, x.dtype)
+
+
+def residual_rms_norm_fp8(x, residual, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity="row",
+                          dtype=jnp.float8_e4m3fn, with_unquantized=False):
+  """(h, q, scale[, y]) with h = x + residual in x.dtype, normalized from that rounded h."""
+  h = (x + residual).astype(x.dtype)
+  return (h,) + rms_norm_fp8(h, weight, eps=eps, offset=offset, scale=scale, granularity=granularity,
+                             dtype=dtype, with_unquantized=with_unquantized)
+
+
+def layer_norm_fp8(x, gamma=None, beta=None, *, eps=1e-6, scale=None, granularity="row",
+                   dtype=jnp.float8_e4m3fn, with_unquantized=False):
+  """(q, scale[, y]) of layer_norm(x, gamma, beta); y in x.dtype."""
+  y = layer_norm(x, gamma, beta, eps=eps)
+  return _fp8_output(y, dtype, scale, granularity, with_unquantized, x.dtype)
+
+
+def ada_rms_norm_fp8(x, scale_mod, shift_mod, *, eps=1e-6, scale=None, granularity="row",
+                     dtype=jnp.float8_e4m3fn, with_unquantized=False):
+  """(q, scale[, y]) of ada_rms_norm(x, scale_mod, shift_mod); y in x.dtype."""
+  y = ada_rms_norm(x, scale_mod, shift_mod, eps=eps)
+  return _fp8_output(y, dtype, scale, granularity, with_unquantized, x.dtype)
+
+
+def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity="row", dtype=jnp.float8_e4m3fn,
+            with_unquantized=False):
+  """(q, scale[, y]) of glu(gate, up); y in gate.dtype."""
+  y = glu(gate, up, activation=activation)
+  return _fp8_output(y, dtype, scale, granularity, with_unquantized, gate.dtype)

@@ -156,12 +156,7 @@ ffi::Error AttentionFwdImpl(Stream stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
     return e;
   AttentionForwardOut out{o->untyped_data(), static_cast<float*>(lse->untyped_data())};
 #ifdef FLASHRT_CUDA
-#ifdef FLASHRT_NO_ATTENTION_KERNELS
-  (void)stream, (void)out;
-  return ffi::Error::Internal("attention_fwd: this build has no attention kernels (csrc/attention/attention.cu)");
-#else
   return Launched(kFwd, cuda::AttentionForward(a, out, workspace->untyped_data(), stream));
-#endif
 #else
   (void)stream;
   cpu::AttentionForward(a, out);
@@ -207,12 +202,7 @@ ffi::Error AttentionBwdImpl(Stream stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   g.dk2 = a.tk2 ? dk2->untyped_data() : nullptr;
   g.dv2 = a.tk2 ? dv2->untyped_data() : nullptr;
 #ifdef FLASHRT_CUDA
-#ifdef FLASHRT_NO_ATTENTION_KERNELS
-  (void)stream, (void)g;
-  return ffi::Error::Internal("attention_bwd: this build has no attention kernels (csrc/attention/attention.cu)");
-#else
   return Launched(kBwd, cuda::AttentionBackward(a, g, workspace->untyped_data(), stream));
-#endif
 #else
   (void)stream;
   cpu::AttentionBackward(a, g);

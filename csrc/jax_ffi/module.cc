@@ -21,6 +21,8 @@ FLASHRT_DECLARE(Fp8Gemm)
 FLASHRT_DECLARE(Fp8GemmBias)
 FLASHRT_DECLARE(AttentionFwd)
 FLASHRT_DECLARE(AttentionBwd)
+FLASHRT_DECLARE(NormFp8)
+FLASHRT_DECLARE(GluFp8)
 
 namespace {
 
@@ -43,6 +45,8 @@ NB_MODULE(FLASHRT_MODULE_NAME, m) {
     targets["flashrt_fp8_gemm_bias"] = Capsule(FLASHRT_HANDLER_NAME(Fp8GemmBias));
     targets["flashrt_attention_fwd"] = Capsule(FLASHRT_HANDLER_NAME(AttentionFwd));
     targets["flashrt_attention_bwd"] = Capsule(FLASHRT_HANDLER_NAME(AttentionBwd));
+    targets["flashrt_norm_fp8"] = Capsule(FLASHRT_HANDLER_NAME(NormFp8));
+    targets["flashrt_glu_fp8"] = Capsule(FLASHRT_HANDLER_NAME(GluFp8));
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

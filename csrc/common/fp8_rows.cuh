@@ -1,0 +1,276 @@
+// CUDA building blocks of the fused FP8 producers (norm/, activation/): a row lives in the
+// registers of TPR threads (one warp, or a whole block of up to 512 threads for wide rows), each
+// holding N chunks of V elements (one 16-byte vector, or one element where rows are not whole
+// vectors); chunk j of thread t is chunk t + TPR * j of the row, so that a warp's accesses are
+// contiguous, and with TPR a template parameter every chunk's address is an immediate offset
+// from one base. A producer computes its row as float32 values; FinishRow writes them (y), reduces
+// the amax and quantizes, in the same pass.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/fp8_output.h"
+
+namespace fr::cuda::rows {
+
+constexpr int kMaxThreads = 512;  // per row and per block: keeps up to 128 registers a thread
+
+template <typename T>
+__device__ __forceinline__ float ToFloat(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half FromFloat(float v) { return __float2half_rn(v); }
+
+// V consecutive elements, loaded and stored as one access.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Chunk {
+  T v[V];
+};
+
+// V float32 parameters (weights, biases), as 16-byte loads where V allows.
+template <int V>
+__device__ __forceinline__ void LoadFloats(const float* p, float (&out)[V]) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V / 4; ++i) {
+      const float4 f = reinterpret_cast<const float4*>(p)[i];
+      out[4 * i] = f.x, out[4 * i + 1] = f.y, out[4 * i + 2] = f.z, out[4 * i + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = p[i];
+  }
+}
+
+// |v| as ordered bits: an integer max orders non-negative floats and sorts every NaN above inf.
+__device__ __forceinline__ uint32_t AbsBits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+
+__device__ __forceinline__ float ScaleFromAmax(float amax, float fmax) {
+  float floored = amax > kAmaxFloor ? amax : (isnan(amax) ? amax : kAmaxFloor);
+  return __fdiv_rn(floored, fmax);
+}
+
+// Sum over the threads of one row, the same bits in each (xor shuffles add commutatively, the
+// cross-warp sum runs in warp order). With TPR > 32 the block is that one row.
+template <int TPR>
+__device__ __forceinline__ float RowSum(float v, float* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  if constexpr (TPR == 32) {
+    return v;
+  } else {
+    __syncthreads();  // smem's previous readers are done
+    if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
+    __syncthreads();
+    float s = smem[0];
+#pragma unroll
+    for (int w = 1; w < TPR / 32; ++w) s += smem[w];
+    return s;
+  }
+}
+
+template <int TPR>
+__device__ __forceinline__ uint32_t RowMax(uint32_t m, float* smem) {
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  if constexpr (TPR == 32) {
+    return m;
+  } else {
+    uint32_t* bits = reinterpret_cast<uint32_t*>(smem);
+    __syncthreads();
+    if (threadIdx.x % 32 == 0) bits[threadIdx.x / 32] = m;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < TPR / 32; ++w) m = max(m, bits[w]);
+    return m;
+  }
+}
+
+// Round to nearest even, saturate to the format's max, NaN stays NaN.
+__device__ __forceinline__ uint8_t ToFp8(float v, bool e5m2) {
+  return static_cast<uint8_t>(e5m2 ? __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2)
+                                   : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Pass of a launch: kOne does everything (per-row or given scale); per-tensor current scaling
+// runs kAmax (side outputs, amax into a global atomicMax) and then kQuant (q with the tensor scale).
+enum class Pass : int { kOne, kAmax, kQuant };
+
+struct OutArgs {
+  const float* scale_in;  // given scale, one per `scale_group` rows; nullptr = current scaling
+  int64_t scale_group;
+  uint8_t* q;
+  float* scale_out;
+  float* amax_out;  // per row, or (per tensor) the atomicMax target, zeroed before kAmax
+  void* y;          // optional unquantized output, the input dtype
+  float fmax;
+  bool e5m2;        // else e4m3
+  Pass pass;
+};
+
+// Writes y (if asked), finds the scale and quantizes row `row`. Chunk j of this thread is
+// c = t + TPR * j, present when c < chunks; chunk_y(j, c, v) computes its float32 values into v.
+// Current scaling sweeps the chunks twice (amax, then quantize), so chunk_y must be cheap or read
+// a cache. In kAmax, only accumulates the row's |y| into amax_acc.
+template <typename T, int V, int N, int TPR, typename ChunkY>
+__device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, int chunks, int64_t cols,
+                                          const OutArgs& o, float* smem, uint32_t& amax_acc) {
+  Chunk<T, V>* yr = o.y != nullptr && o.pass != Pass::kQuant
+                        ? reinterpret_cast<Chunk<T, V>*>(static_cast<T*>(o.y) + row * cols) + t : nullptr;
+  auto store_y = [&](int j, const float (&v)[V]) {
+    Chunk<T, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = FromFloat<T>(v[k]);
+    yr[TPR * j] = out;
+  };
+  const bool current = o.scale_in == nullptr && o.pass != Pass::kQuant;
+  float inv;
+  if (current) {
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int c = t + TPR * j;
+      if (c < chunks) {
+        float v[V];
+        chunk_y(j, c, v);
+        if (yr != nullptr) store_y(j, v);
+#pragma unroll
+        for (int k = 0; k < V; ++k) m = max(m, AbsBits(v[k]));
+      }
+    }
+    if (o.pass == Pass::kAmax) {
+      amax_acc = max(amax_acc, m);
+      return;
+    }
+    m = RowMax<TPR>(m, smem);
+    const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, o.fmax);
+    if (t == 0) {
+      o.scale_out[row] = scale;
+      o.amax_out[row] = amax;
+    }
+    inv = __frcp_rn(scale);
+  } else if (o.scale_in != nullptr) {
+    inv = __frcp_rn(o.scale_in[row / o.scale_group]);
+  } else {  // kQuant: the tensor amax is complete
+    inv = __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+  }
+  Chunk<uint8_t, V>* qr = reinterpret_cast<Chunk<uint8_t, V>*>(o.q + row * cols) + t;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const int c = t + TPR * j;
+    if (c < chunks) {
+      float v[V];
+      chunk_y(j, c, v);
+      if (!current && yr != nullptr) store_y(j, v);
+      Chunk<uint8_t, V> out;
+#pragma unroll
+      for (int k = 0; k < V; ++k) out.v[k] = ToFp8(__fmul_rn(v[k], inv), o.e5m2);
+      qr[TPR * j] = out;
+    }
+  }
+}
+
+// Start of a kQuant launch: block 0 records the tensor scale.
+__device__ __forceinline__ void RecordTensorScale(const OutArgs& o) {
+  if (o.pass == Pass::kQuant && o.scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    o.scale_out[0] = ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax);
+}
+
+// End of a kAmax launch: one atomicMax per block. Every thread of the block must call it.
+__device__ __forceinline__ void BlockAmaxAtomic(const OutArgs& o, uint32_t m, float* smem) {
+  if (o.pass != Pass::kAmax) return;
+  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) bits[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) m = max(m, bits[w]);
+    m = max(m, bits[0]);
+    if (m != 0) atomicMax(reinterpret_cast<uint32_t*>(o.amax_out), m);
+  }
+}
+
+// Threads per row and chunks per thread for rows of `chunks` chunks: 4 chunks a thread for short
+// rows, else max_n (what the kernel's registers hold) with as many threads as that takes.
+struct RowShape {
+  int n;        // chunks per thread: 4 or max_n
+  int tpr;      // threads per row: 32 (a warp; 8 rows per 256-thread block) up to 512 (one block)
+  int threads;  // per block
+};
+
+inline RowShape ShapeFor(int64_t chunks, int max_n) {
+  const int n = chunks <= 32 * 4 ? 4 : max_n;
+  const int64_t per_thread = (chunks + n - 1) / n;
+  int tpr = 32;
+  while (tpr < per_thread) tpr *= 2;
+  return {n, tpr, tpr == 32 ? 256 : tpr};
+}
+
+// Calls launch.template operator()<N, TPR>() for the shape: N = 4 with one warp, else kMaxN with
+// 32 to 512 threads.
+template <int kMaxN, typename Launch>
+cudaError_t DispatchShape(const RowShape& s, Launch&& launch) {
+  if (s.n == 4 && s.tpr == 32) return launch.template operator()<4, 32>();
+  if (s.n != kMaxN) return cudaErrorInvalidValue;
+  switch (s.tpr) {
+    case 32: return launch.template operator()<kMaxN, 32>();
+    case 64: return launch.template operator()<kMaxN, 64>();
+    case 128: return launch.template operator()<kMaxN, 128>();
+    case 256: return launch.template operator()<kMaxN, 256>();
+    case 512: return launch.template operator()<kMaxN, 512>();
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+inline bool Aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Blocks for `rows` rows: all of them for kOne / kQuant; at most about one resident wave for
+// kAmax, whose blocks loop over rows and issue one atomic each.
+inline int64_t GridFor(int64_t rows, const RowShape& s, Pass pass) {
+  const int64_t blocks = (rows + s.threads / s.tpr - 1) / (s.threads / s.tpr);
+  if (pass != Pass::kAmax) return std::min<int64_t>(blocks, 0x7FFFFFFF);
+  int device = 0, sms = 132;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(sms) * (2048 / s.threads)));
+}
+
+// Runs the passes `out` needs through run_pass(pass). Per-tensor current scaling zeroes the amax
+// first (a memset on the stream: no allocation, capturable into a CUDA graph).
+template <typename RunPass>
+cudaError_t RunPasses(const Fp8Output& out, RunPass&& run_pass, cudaStream_t stream) {
+  if (out.scale_in != nullptr || out.granularity == Granularity::kRow) return run_pass(Pass::kOne);
+  cudaError_t err = cudaMemsetAsync(out.amax_out, 0, sizeof(uint32_t), stream);
+  if (err != cudaSuccess) return err;
+  if ((err = run_pass(Pass::kAmax)) != cudaSuccess) return err;
+  return run_pass(Pass::kQuant);
+}
+
+inline OutArgs MakeOutArgs(const Fp8Output& out, int64_t rows, Pass pass) {
+  OutArgs o{};
+  o.scale_in = out.scale_in;
+  o.scale_group = out.scale_in != nullptr ? rows / out.scale_count : 1;
+  o.q = static_cast<uint8_t*>(out.q);
+  o.scale_out = out.scale_out;
+  o.amax_out = out.amax_out;
+  o.y = out.y;
+  o.fmax = Fp8Max(out.q_dtype);
+  o.e5m2 = out.q_dtype == DType::kE5M2;
+  o.pass = pass;
+  return o;
+}
+
+}  // namespace fr::cuda::rows

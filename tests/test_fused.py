@@ -1,0 +1,442 @@
+"""Fused FP8 producers (rms / residual-rms / layer / ada-rms norm, GLU, each + quantize): against the
+pure-JAX reference on fresh random inputs, edge values, gradients, transformations and bad input.
+
+The kernels sum a row's squares in another order than XLA and use their own tanh / exp / rsqrt, so
+y matches the reference to rounding, and q can differ from the reference's q where y / scale falls
+within an ulp of a rounding midpoint: there the codes differ by one FP8 step, which must stay rare.
+What is exact: q against quantize() of the op's own float32 y (the kernels quantize exactly what
+they return), the new residual of residual_rms_norm_fp8, and a given scale passed through. On the
+GPU the reference runs on the CPU (`on_cpu`): XLA:GPU's float32 division is not correctly rounded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import (AMAX_FLOOR, E4M3, E5M2, FP8_MAX, assert_bits_equal, assert_fp8_equal, flashrt_targets,
+                      normal, on_cpu, rel_l2, wide)
+
+import flashrt_jax
+from flashrt_jax import reference
+from flashrt_jax.ffi import fused as raw
+
+F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+# (input dtype, FP8 dtype): float32 inputs give float32 y, which makes q checkable bit for bit.
+DTYPES = [pytest.param(F32, E4M3, id="f32-e4m3"), pytest.param(BF16, E4M3, id="bf16-e4m3"),
+          pytest.param(BF16, E5M2, id="bf16-e5m2")]
+SCALINGS = [("row", "current"), ("tensor", "current"), ("row", "static"), ("tensor", "static")]
+SCALING_IDS = [f"{g}-{s}" for g, s in SCALINGS]
+# Rows 1, 51, 867; widths 1024 / 2048 (vector paths, one warp and several per row), 1000 (vector
+# path in bf16, 250 float32 vectors) and 37 / 1001 (scalar path); a 3-D case.
+NORM_SHAPES = [(1, 1024), (51, 2048), (867, 1000), (51, 1001), (2, 3, 37)]
+
+
+def _ordinal(q):
+  """FP8 codes as signed ordinals: neighbours on the FP8 grid differ by 1, and +0 equals -0."""
+  b = np.asarray(q).view(np.uint8).astype(np.int32)
+  return np.where(b & 0x80, -(b & 0x7F), b & 0x7F)
+
+
+def assert_q_close(q, s, q_ref, s_ref, what: str):
+  """q within one FP8 step of the reference, off by that step rarely; except where both dequantized
+  values are negligible next to their row's largest (gelu's tail, 1 + tanh(x) for x << 0, cancels
+  to a few float32 ulps whose relative error is large and which e5m2 still resolves)."""
+  q, q_ref = np.asarray(q), np.asarray(q_ref)
+  assert q.shape == q_ref.shape and q.dtype == q_ref.dtype, f"{what}: {q.shape} {q.dtype} vs {q_ref.shape} {q_ref.dtype}"
+  nan, nan_ref = np.isnan(q.astype(np.float32)), np.isnan(q_ref.astype(np.float32))
+  assert np.array_equal(nan, nan_ref), f"{what}: NaN positions differ"
+  deq = q.astype(np.float32) * np.asarray(s, np.float32)
+  deq_ref = q_ref.astype(np.float32) * np.asarray(s_ref, np.float32)
+  with np.errstate(invalid="ignore"):
+    row_max = np.nanmax(np.abs(deq_ref), axis=-1, keepdims=True)
+    negligible = np.abs(deq - deq_ref) <= 1e-6 * row_max
+  d = np.where(nan | negligible, 0, np.abs(_ordinal(q) - _ordinal(q_ref)))
+  assert d.max(initial=0) <= 1, f"{what}: codes differ by up to {d.max()} steps at {np.argwhere(d > 1)[:4]}"
+  # Rare, but not very rare: a bfloat16 x normalized without a weight is x times one float32 factor,
+  # and x's 8 bits put many x / amax * fp8_max on exact FP8 midpoints, which an ulp tips either way.
+  assert (d > 0).sum() <= max(2, 5e-3 * d.size), f"{what}: {(d > 0).sum()} of {d.size} codes differ by one step"
+
+
+def assert_y_close(y, y_ref, what: str):
+  """Agreement to a few float32 ulps of the row's scale (1 ulp of y's own dtype below float32)."""
+  y, y_ref = np.asarray(y, np.float32), np.asarray(jnp.asarray(y_ref).astype(jnp.float32))
+  tol = 4e-6 if y.dtype == y_ref.dtype and np.asarray(y).dtype == np.float32 else 0.0
+  scale = np.max(np.abs(y_ref), axis=-1, keepdims=True)
+  err = np.abs(y - y_ref)
+  ok = (err <= tol * scale + 1e-30) | (err <= np.abs(y_ref) * 2.0 ** -7)
+  assert ok.all(), f"{what}: y off by up to {err.max():.3g} (rel L2 {rel_l2(y, y_ref):.2e})"
+
+
+def _static_scale(rng, y_ref, dtype, granularity):
+  """A given scale near the current one (x0.5 .. x2), so that some values saturate."""
+  y = np.asarray(y_ref, np.float32)
+  amax = np.max(np.abs(y), axis=-1, keepdims=True) if granularity == "row" else np.max(np.abs(y))
+  s = np.asarray(amax / FP8_MAX[dtype] * rng.uniform(0.5, 2.0, np.shape(amax)), np.float32)
+  return jnp.asarray(s)
+
+
+def check_fused(op, ref, args, kwargs, *, dtype, granularity, scaling, rng, case, has_residual=False):
+  """Runs op(*args, **kwargs, with_unquantized=True) against ref on the CPU, the given way of scaling."""
+  kw = dict(kwargs, dtype=dtype, granularity=granularity, with_unquantized=True)
+  if scaling == "static":
+    y0 = on_cpu(ref, *args, **dict(kw, granularity="row"))[-1]
+    kw["scale"] = _static_scale(rng, y0.astype(jnp.float32), dtype, granularity)
+  out = op(*args, **kw)
+  expect = on_cpu(ref, *args, **kw)
+  if has_residual:
+    assert_bits_equal(out[0], expect[0], f"{case}: new residual")
+    out, expect = out[1:], expect[1:]
+  q, s, y = out
+  q_ref, s_ref, y_ref = expect
+  s_shape = y_ref.shape[:-1] + (1,) if granularity == "row" else ()
+  assert q.dtype == dtype and q.shape == y_ref.shape, f"{case}: q is {q.dtype} {q.shape}"
+  assert s.dtype == F32 and s.shape == s_shape, f"{case}: scale is {s.dtype} {s.shape}"
+  assert y.dtype == y_ref.dtype and y.shape == y_ref.shape, f"{case}: y is {y.dtype} {y.shape}"
+  assert_y_close(y, y_ref, case)
+  if scaling == "static":
+    assert_bits_equal(s, kw["scale"], f"{case}: the given scale must come back")
+  else:
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=2e-5, err_msg=f"{case}: scale")  # a few ulps: sum order, rsqrt
+  assert_q_close(q, s, q_ref, s_ref, f"{case}: q")
+  if y.dtype == F32:  # exact: q is quantize() of the op's own float32 y
+    q_own, s_own = on_cpu(reference.quantize, y, dtype=dtype, granularity=granularity, scale=kw.get("scale"))
+    assert_fp8_equal(q, q_own, f"{case}: q vs quantize(y)")
+    assert_bits_equal(s, s_own, f"{case}: scale vs quantize(y)")
+  return out
+
+
+def _case(name, x_dtype, dtype, granularity, scaling, shape, platform):
+  return f"{name} {jnp.dtype(x_dtype).name}->{jnp.dtype(dtype).name} {granularity} {scaling} {tuple(shape)} on {platform}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the reference
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("granularity,scaling", SCALINGS, ids=SCALING_IDS)
+@pytest.mark.parametrize("x_dtype,dtype", DTYPES)
+def test_rms_norm_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape):
+  case = _case("rms_norm_fp8", x_dtype, dtype, granularity, scaling, shape, platform)
+  x = wide(rng, shape, x_dtype) if shape[-1] == 1000 else normal(rng, shape, x_dtype)
+  weight = normal(rng, shape[-1:], std=0.5)
+  check_fused(flashrt_jax.rms_norm_fp8, reference.rms_norm_fp8, (x, weight), {}, dtype=dtype,
+              granularity=granularity, scaling=scaling, rng=rng, case=case)
+
+
+@pytest.mark.parametrize("offset", [1.0, 0.0])
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+def test_rms_norm_fp8_weight_options(platform, rng, with_weight, offset):
+  case = f"rms_norm_fp8 weight={with_weight} offset={offset} on {platform}"
+  x = normal(rng, (51, 1024), BF16)
+  weight = normal(rng, (1024,), BF16) if with_weight else None
+  check_fused(flashrt_jax.rms_norm_fp8, reference.rms_norm_fp8, (x, weight), dict(offset=offset, eps=1e-5),
+              dtype=E4M3, granularity="row", scaling="current", rng=rng, case=case)
+
+
+@pytest.mark.parametrize("shape", [(1, 2048), (51, 1024), (867, 2048), (2, 3, 37)], ids=str)
+@pytest.mark.parametrize("granularity,scaling", SCALINGS, ids=SCALING_IDS)
+@pytest.mark.parametrize("x_dtype,dtype", DTYPES)
+def test_residual_rms_norm_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape):
+  case = _case("residual_rms_norm_fp8", x_dtype, dtype, granularity, scaling, shape, platform)
+  x, residual = normal(rng, shape, x_dtype), normal(rng, shape, x_dtype, std=4.0)
+  weight = normal(rng, shape[-1:], std=0.5)
+  check_fused(flashrt_jax.residual_rms_norm_fp8, reference.residual_rms_norm_fp8, (x, residual, weight), {},
+              dtype=dtype, granularity=granularity, scaling=scaling, rng=rng, case=case, has_residual=True)
+
+
+@pytest.mark.parametrize("params", ["gamma-beta", "gamma", "none"])
+@pytest.mark.parametrize("shape", [(1, 1024), (51, 2048), (867, 1001)], ids=str)
+@pytest.mark.parametrize("granularity,scaling", SCALINGS[:3], ids=SCALING_IDS[:3])
+@pytest.mark.parametrize("x_dtype,dtype", DTYPES[:2])
+def test_layer_norm_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape, params):
+  case = _case(f"layer_norm_fp8 {params}", x_dtype, dtype, granularity, scaling, shape, platform)
+  x = normal(rng, shape, x_dtype) + 3.0  # an offset mean, which the norm must remove
+  gamma = normal(rng, shape[-1:]) if params != "none" else None
+  beta = normal(rng, shape[-1:]) if params == "gamma-beta" else None
+  check_fused(flashrt_jax.layer_norm_fp8, reference.layer_norm_fp8, (x, gamma, beta), dict(eps=1e-5),
+              dtype=dtype, granularity=granularity, scaling=scaling, rng=rng, case=case)
+
+
+@pytest.mark.parametrize("modulation", ["per-sequence", "per-token"])
+@pytest.mark.parametrize("shape", [(3, 17, 1024), (2, 51, 72), (1, 1, 2048), (2, 2, 5, 37)], ids=str)
+@pytest.mark.parametrize("granularity,scaling", SCALINGS, ids=SCALING_IDS)
+@pytest.mark.parametrize("x_dtype,dtype", DTYPES[:2])
+def test_ada_rms_norm_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape, modulation):
+  case = _case(f"ada_rms_norm_fp8 {modulation}", x_dtype, dtype, granularity, scaling, shape, platform)
+  x = normal(rng, shape, x_dtype)
+  mod_shape = shape if modulation == "per-token" else shape[:-2] + shape[-1:]
+  scale_mod, shift_mod = normal(rng, mod_shape, x_dtype, std=0.3), normal(rng, mod_shape, x_dtype, std=0.3)
+  check_fused(flashrt_jax.ada_rms_norm_fp8, reference.ada_rms_norm_fp8, (x, scale_mod, shift_mod), {},
+              dtype=dtype, granularity=granularity, scaling=scaling, rng=rng, case=case)
+
+
+@pytest.mark.parametrize("layout", ["split", "merged"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(1, 16384), (51, 1024), (867, 2048), (2, 3, 37)], ids=str)
+@pytest.mark.parametrize("granularity,scaling", SCALINGS, ids=SCALING_IDS)
+@pytest.mark.parametrize("x_dtype,dtype", DTYPES)
+def test_glu_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape, activation, layout):
+  case = _case(f"glu_fp8 {activation} {layout}", x_dtype, dtype, granularity, scaling, shape, platform)
+  gate, up = normal(rng, shape, x_dtype, std=2.0), normal(rng, shape, x_dtype)
+  args = (jnp.concatenate([gate, up], axis=-1), None) if layout == "merged" else (gate, up)
+  check_fused(flashrt_jax.glu_fp8, reference.glu_fp8, args, dict(activation=activation), dtype=dtype,
+              granularity=granularity, scaling=scaling, rng=rng, case=case)
+
+
+def test_outputs_without_unquantized(platform, rng):
+  x = normal(rng, (51, 1024), BF16)
+  w = normal(rng, (1024,))
+  for name, out, n in (
+      ("rms_norm_fp8", flashrt_jax.rms_norm_fp8(x, w), 2),
+      ("residual_rms_norm_fp8", flashrt_jax.residual_rms_norm_fp8(x, x, w), 3),
+      ("layer_norm_fp8", flashrt_jax.layer_norm_fp8(x, w, w, granularity="tensor"), 2),
+      ("ada_rms_norm_fp8", flashrt_jax.ada_rms_norm_fp8(x, x, x), 2),
+      ("glu_fp8", flashrt_jax.glu_fp8(x, x, activation="silu"), 2),
+  ):
+    assert isinstance(out, tuple) and len(out) == n, f"{name} on {platform}: {len(out)} outputs, expected {n}"
+    assert out[-2].dtype == E4M3 and out[-1].dtype == F32, f"{name} on {platform}: (q, scale) at the end"
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge values
+
+
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_zero_rows(platform, granularity):
+  x = jnp.zeros((51, 1024), BF16)
+  for name, (q, s) in (("rms_norm_fp8", flashrt_jax.rms_norm_fp8(x, granularity=granularity)),
+                       ("glu_fp8", flashrt_jax.glu_fp8(x, x, granularity=granularity))):
+    case = f"{name} all-zero {granularity} on {platform}"
+    assert np.all(np.asarray(s) == np.float32(AMAX_FLOOR) / np.float32(448.0)), f"{case}: floor scale"
+    assert not np.asarray(q).view(np.uint8).any(), f"{case}: q must be all +0"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_nan_inf_rows(platform, rng, granularity, bad):
+  case = f"rms_norm_fp8 {bad} {granularity} on {platform}"
+  x = np.array(normal(rng, (51, 1024)))
+  x[3, 5] = bad
+  q, s = flashrt_jax.rms_norm_fp8(jnp.asarray(x), granularity=granularity)
+  q, s = np.asarray(q, np.float32), np.asarray(s)
+  assert np.isnan(s.ravel()[3 if granularity == "row" else 0]), f"{case}: the scale must flag the row"
+  assert np.isnan(q[3]).all(), f"{case}: the row must be NaN"
+  if granularity == "row":
+    assert np.isfinite(np.delete(s, 3)).all() and not np.isnan(np.delete(q, 3, axis=0)).any(), \
+        f"{case}: other rows must be unaffected"
+  q, _ = flashrt_jax.rms_norm_fp8(jnp.asarray(x), scale=jnp.float32(0.01))
+  assert np.isnan(np.asarray(q, np.float32)[3]).any(), f"{case}: static q of the row must carry the NaN"
+
+
+def test_glu_inf_saturates_with_given_scale(platform):
+  gate = jnp.asarray(np.array([[np.inf, -np.inf, 1.0, 2.0]], np.float32))
+  q, _ = flashrt_jax.glu_fp8(gate, jnp.ones_like(gate), activation="silu", scale=jnp.float32(0.01))
+  q = np.asarray(q, np.float32)
+  assert q[0, 0] == 448.0, f"glu_fp8 on {platform}: inf must saturate, got {q}"
+  assert np.isnan(q[0, 1]), f"glu_fp8 on {platform}: silu(-inf) = -inf * 0 is NaN, got {q}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: the ops' VJPs are the reference's
+
+
+def _grad_case(name, rng):
+  x = normal(rng, (2, 17, 64))
+  w = normal(rng, (64,))
+  cases = {
+      "rms_norm_fp8": (lambda f, x, w: f(x, w), (x, w)),
+      "residual_rms_norm_fp8": (lambda f, x, w: f(x, x * 0.5, w), (x, w)),
+      "layer_norm_fp8": (lambda f, x, w: f(x, w, w * 0.1), (x, w)),
+      "ada_rms_norm_fp8": (lambda f, x, w: f(x, jnp.broadcast_to(w * 0.1, (2, 64)), jnp.broadcast_to(w, (2, 64))),
+                           (x, w)),
+      "glu_fp8": (lambda f, x, w: f(x * w), (x, w)),
+  }
+  return cases[name]
+
+
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+@pytest.mark.parametrize("name", ["rms_norm_fp8", "residual_rms_norm_fp8", "layer_norm_fp8", "ada_rms_norm_fp8",
+                                  "glu_fp8"])
+def test_grad_matches_reference(platform, rng, name, granularity):
+  case = f"grad {name} {granularity} on {platform}"
+  call, args = _grad_case(name, rng)
+
+  def grads(fn):
+    def loss(*args):
+      out = call(lambda *a: fn(*a, granularity=granularity, with_unquantized=True), *args)
+      q, s, y = out[-3:]
+      total = jnp.sum(reference.dequantize(q, s, jnp.float32) * 0.7) + jnp.sum(y.astype(jnp.float32) ** 2)
+      return total + (jnp.sum(jnp.sin(out[0])) if len(out) == 4 else 0.0)
+    return jax.grad(loss, argnums=(0, 1))(*args)
+
+  ours = grads(getattr(flashrt_jax, name))
+  ref = on_cpu(grads, getattr(reference, name))
+  for arg, a, b in zip(("x", "w"), ours, ref):
+    assert float(jnp.linalg.norm(b)) > 0, f"{case}: reference d{arg} is zero; the case tests nothing"
+    assert rel_l2(a, b) <= 1e-4, f"{case}: d{arg} rel L2 {rel_l2(a, b):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations
+
+
+def test_jit_hlo_has_custom_calls(platform, rng):
+  x, w = normal(rng, (51, 1024), BF16), normal(rng, (1024,))
+
+  def fn(x, w):
+    h, q, s = flashrt_jax.residual_rms_norm_fp8(x, x, w)
+    q2, s2 = flashrt_jax.glu_fp8(jnp.concatenate([x, x], -1), granularity="tensor")
+    return h, q, s, q2, s2
+
+  targets = flashrt_targets(fn, x, w)
+  assert {"flashrt_norm_fp8", "flashrt_glu_fp8"} <= targets, f"on {platform}: compiled HLO has {targets}"
+  for a, b in zip(jax.jit(fn)(x, w), fn(x, w)):
+    assert_bits_equal(a.astype(F32) if a.dtype.itemsize == 1 else a, b.astype(F32) if b.dtype.itemsize == 1 else b,
+                      f"jit vs eager on {platform}")
+
+
+@pytest.mark.parametrize("granularity,scaling", SCALINGS, ids=SCALING_IDS)
+def test_vmap_matches_loop(platform, rng, granularity, scaling):
+  case = f"vmap {granularity} {scaling} on {platform}"
+  x = normal(rng, (3, 2, 17, 72), BF16)
+  mods = normal(rng, (3, 2, 72), BF16, std=0.3)
+  w = normal(rng, (3, 72))
+  scale = None
+  if scaling == "static":
+    scale = jnp.full((3,) + ((2, 17, 1) if granularity == "row" else ()), 0.01, F32)
+
+  def one(x, mod, w, s):
+    return (flashrt_jax.ada_rms_norm_fp8(x, mod, mod, scale=s, granularity=granularity),
+            flashrt_jax.rms_norm_fp8(x, w, scale=s, granularity=granularity),
+            flashrt_jax.glu_fp8(x, x * 2, scale=s, granularity=granularity))
+
+  batched = jax.vmap(one)(x, mods, w, scale)
+  looped = [one(x[i], mods[i], w[i], None if scale is None else scale[i]) for i in range(3)]
+  for k, name in enumerate(("ada_rms_norm_fp8", "rms_norm_fp8", "glu_fp8")):
+    for i in range(3):
+      assert_fp8_equal(batched[k][0][i], looped[i][k][0], f"{case}: {name} q[{i}]")
+      assert_bits_equal(batched[k][1][i], looped[i][k][1], f"{case}: {name} scale[{i}]")
+
+
+def test_scan_and_checkpoint(platform, rng):
+  x = normal(rng, (4, 51, 1024), BF16)
+  w = normal(rng, (1024,))
+
+  def body(carry, xi):
+    h, q, s = flashrt_jax.residual_rms_norm_fp8(xi, carry, w)
+    return h, flashrt_jax.dequantize(q, s, jnp.float32).sum()
+
+  carry, sums = jax.lax.scan(jax.checkpoint(body), jnp.zeros_like(x[0]), x)
+  carry_ref, sums_ref = on_cpu(lambda x: jax.lax.scan(lambda c, xi: (
+      lambda h, q, s: (h, reference.dequantize(q, s, jnp.float32).sum()))(
+          *reference.residual_rms_norm_fp8(xi, c, w)), jnp.zeros_like(x[0]), x), x)
+  assert_bits_equal(carry, carry_ref, f"scan on {platform}: residual stream")
+  np.testing.assert_allclose(np.asarray(sums), np.asarray(sums_ref), rtol=1e-3, err_msg=f"scan on {platform}")
+  g = jax.grad(lambda x: jax.lax.scan(jax.checkpoint(body), jnp.zeros_like(x[0]), x)[1].sum())(x)
+  assert np.isfinite(np.asarray(g, np.float32)).all(), f"scan grad on {platform}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _bad(name, call, error, match):
+  return pytest.param(call, error, match, id=name)
+
+
+def _f(fn, *args, **kw):
+  return lambda: fn(*args, **kw)
+
+
+X, W = jnp.ones((51, 64), BF16), jnp.ones((64,), F32)
+X3 = jnp.ones((2, 17, 64), BF16)
+BAD = [
+    _bad("rms-x-int", _f(flashrt_jax.rms_norm_fp8, X.astype(jnp.int32)), TypeError, r"rms_norm_fp8: x must be float32"),
+    _bad("rms-x-fp8", _f(flashrt_jax.rms_norm_fp8, X.astype(E4M3)), TypeError, r"rms_norm_fp8: x must be float32"),
+    _bad("rms-x-rank0", _f(flashrt_jax.rms_norm_fp8, X[0, 0]), ValueError, r"rms_norm_fp8: x must have rank >= 1"),
+    _bad("rms-x-empty", _f(flashrt_jax.rms_norm_fp8, X[:0]), ValueError, r"rms_norm_fp8: x must not be empty"),
+    _bad("rms-x-too-wide", _f(flashrt_jax.rms_norm_fp8, jnp.ones((2, 16392), BF16)), ValueError,
+         r"rms_norm_fp8: x rows must hold at most 16384"),
+    _bad("rms-x-too-wide-unaligned", _f(flashrt_jax.rms_norm_fp8, jnp.ones((2, 8193), BF16)), ValueError,
+         r"rms_norm_fp8: x rows must hold at most .*got 8193"),
+    _bad("rms-weight-width", _f(flashrt_jax.rms_norm_fp8, X, W[:63]), ValueError,
+         r"rms_norm_fp8: weight must have shape \(64,\) .*got \(63,\)"),
+    _bad("rms-weight-int", _f(flashrt_jax.rms_norm_fp8, X, W.astype(jnp.int32)), TypeError,
+         r"rms_norm_fp8: weight must be float32"),
+    _bad("rms-weight-rank2", _f(flashrt_jax.rms_norm_fp8, X, W[None]), ValueError, r"rms_norm_fp8: weight must have shape"),
+    _bad("rms-dtype", _f(flashrt_jax.rms_norm_fp8, X, dtype=jnp.bfloat16), ValueError, r"rms_norm_fp8: dtype must be float8"),
+    _bad("rms-granularity", _f(flashrt_jax.rms_norm_fp8, X, granularity="block"), ValueError,
+         r"rms_norm_fp8: granularity must be one of"),
+    _bad("rms-scale-f16", _f(flashrt_jax.rms_norm_fp8, X, scale=jnp.float16(1)), TypeError,
+         r"rms_norm_fp8: scale must be float32"),
+    _bad("rms-scale-shape", _f(flashrt_jax.rms_norm_fp8, X, scale=jnp.ones((50, 1), F32)), ValueError,
+         r"rms_norm_fp8: scale must have shape \(\) or \(51, 1\), got \(50, 1\)"),
+    _bad("rms-scale-zero", _f(flashrt_jax.rms_norm_fp8, X, scale=jnp.float32(0)), ValueError,
+         r"rms_norm_fp8: scale must be finite and > 0"),
+    _bad("rms-eps-str", _f(flashrt_jax.rms_norm_fp8, X, eps="1e-6"), TypeError, r"rms_norm_fp8: eps must be a finite"),
+    _bad("rms-eps-negative", _f(flashrt_jax.rms_norm_fp8, X, eps=-1.0), ValueError, r"rms_norm_fp8: eps must be >= 0"),
+    _bad("rms-with-unquantized", _f(flashrt_jax.rms_norm_fp8, X, with_unquantized=1), TypeError,
+         r"rms_norm_fp8: with_unquantized must be a bool"),
+    _bad("residual-dtype", _f(flashrt_jax.residual_rms_norm_fp8, X, X.astype(F32)), TypeError,
+         r"residual_rms_norm_fp8: residual must be bfloat16"),
+    _bad("residual-shape", _f(flashrt_jax.residual_rms_norm_fp8, X, X[:50]), ValueError,
+         r"residual_rms_norm_fp8: residual must have the shape of x \(51, 64\); got \(50, 64\)"),
+    _bad("layer-gamma-width", _f(flashrt_jax.layer_norm_fp8, X, W, W[:32]), ValueError,
+         r"layer_norm_fp8: beta must have shape \(64,\)"),
+    _bad("ada-x-rank1", _f(flashrt_jax.ada_rms_norm_fp8, X[0], X[0], X[0]), ValueError,
+         r"ada_rms_norm_fp8: x must have rank >= 2"),
+    _bad("ada-mod-shape", _f(flashrt_jax.ada_rms_norm_fp8, X3, X3[:, :1], X3[:, :1]), ValueError,
+         r"ada_rms_norm_fp8: scale_mod must have shape \(2, 17, 64\) or \(2, 64\)"),
+    _bad("ada-mod-dtype", _f(flashrt_jax.ada_rms_norm_fp8, X3, X3[:, 0].astype(F32), X3[:, 0]), TypeError,
+         r"ada_rms_norm_fp8: scale_mod must be bfloat16"),
+    _bad("ada-shift-shape", _f(flashrt_jax.ada_rms_norm_fp8, X3, X3[:, 0], X3), ValueError,
+         r"ada_rms_norm_fp8: shift_mod must have the shape of scale_mod"),
+    _bad("glu-activation", _f(flashrt_jax.glu_fp8, X, X, activation="relu"), ValueError,
+         r"glu_fp8: activation must be one of"),
+    _bad("glu-up-shape", _f(flashrt_jax.glu_fp8, X, X[:, :32]), ValueError, r"glu_fp8: up must have the shape of gate"),
+    _bad("glu-up-dtype", _f(flashrt_jax.glu_fp8, X, X.astype(F32)), TypeError, r"glu_fp8: up must be bfloat16"),
+    _bad("glu-merged-odd", _f(flashrt_jax.glu_fp8, X[:, :63]), ValueError, r"glu_fp8: a merged gate .* even last axis"),
+    _bad("glu-gate-empty", _f(flashrt_jax.glu_fp8, X[:, :0], X[:, :0]), ValueError, r"glu_fp8: gate must not be empty"),
+    _bad("glu-scale-shape", _f(flashrt_jax.glu_fp8, X, scale=jnp.ones((51, 2), F32)), ValueError,
+         r"glu_fp8: scale must have shape \(\) or \(51, 1\), got \(51, 2\)"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", BAD)
+def test_bad_input_raises(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+RAW_BAD = [
+    pytest.param(lambda: raw.norm_fp8(X, None, W[:32], None, None, None, None, kind="rms", eps=1e-6, offset=1.0,
+                                      dtype=E4M3, rowwise=True, with_y=False),
+                 r"norm_fp8: weight must be \(n, 64\)", id="norm-weight-width"),
+    pytest.param(lambda: raw.norm_fp8(X, None, W.astype(BF16), None, None, None, None, kind="rms", eps=1e-6,
+                                      offset=1.0, dtype=E4M3, rowwise=True, with_y=False),
+                 r"norm_fp8: weight must be float32", id="norm-weight-bf16"),
+    pytest.param(lambda: raw.norm_fp8(X, None, None, None, None, None, jnp.ones((2,), F32), kind="rms", eps=1e-6,
+                                      offset=1.0, dtype=E4M3, rowwise=True, with_y=False),
+                 r"norm_fp8: scale must hold one value or one per group of rows", id="norm-scale-count"),
+    pytest.param(lambda: raw.norm_fp8(X.astype(jnp.int32), None, None, None, None, None, None, kind="rms", eps=1e-6,
+                                      offset=1.0, dtype=E4M3, rowwise=True, with_y=False),
+                 r"norm_fp8: x must be float32, bfloat16 or float16", id="norm-x-int"),
+    pytest.param(lambda: raw.norm_fp8(X, None, None, None, None, None, None, kind="rms", eps=1e-6, offset=1.0,
+                                      dtype=BF16, rowwise=True, with_y=False),
+                 r"norm_fp8: q must be float8", id="norm-q-bf16"),
+    pytest.param(lambda: raw.glu_fp8(X, X[:, :32], None, activation="silu", dtype=E4M3, rowwise=True, with_y=False),
+                 r"glu_fp8: up must have shape", id="glu-up-shape"),
+    pytest.param(lambda: raw.glu_fp8(jnp.ones((2, 2 * 16392), BF16), None, None, activation="silu", dtype=E4M3,
+                                     rowwise=True, with_y=False),
+                 r"glu_fp8: gate rows must hold at most 16384", id="glu-too-wide"),
+]
+
+
+@pytest.mark.parametrize("call,match", RAW_BAD)
+def test_handler_rejects_inconsistent_call(platform, call, match):
+  with pytest.raises(RuntimeError, match=match) as info:  # XlaRuntimeError / JaxRuntimeError
+    jax.block_until_ready(call())
+  assert "INVALID_ARGUMENT" in str(info.value), f"{info.value}: the handler must return InvalidArgument"
