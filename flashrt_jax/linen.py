@@ -1,4 +1,5 @@
-"""Flax linen layers on the FP8 GEMM: `Fp8Dense`, `Fp8DenseGeneral`, `Fp8Einsum`, `fp8_dot_general`.
+"""Flax linen layers on the FP8 GEMM: `Fp8Dense`, `Fp8DenseGeneral`, `Fp8Einsum`, `fp8_dot_general`,
+and the fused FP8 feed-forward block `Fp8GluFfn` (openpi's FeedForward parameters).
 
 The layers take the attributes of `nn.Dense` / `nn.DenseGeneral` / `nn.Einsum` (`dtype` is the
 computation dtype, promoted as Flax does) plus `recipe` (an `Fp8Recipe`) and `frozen`. They reshape
@@ -27,6 +28,7 @@ from flax.linen.dtypes import promote_dtype
 
 from flashrt_jax import _checks
 from flashrt_jax.convert import GRANULARITIES, _contract_axes, _frozen_shapes, dequantize_kernel, quantize_kernel
+from flashrt_jax.ops.fused_dense import fp8_gate_up_weight, fp8_glu_ffn
 from flashrt_jax.ops.gemm import Fp8Recipe, Fp8Weight, fp8_dense
 
 E4M3 = jnp.dtype(jnp.float8_e4m3fn)
@@ -442,3 +444,92 @@ class Fp8Einsum(nn.Module):
     bias = self.param("bias", self.bias_init, plan.bias_shape, self.param_dtype) if self.use_bias else None
     inputs, kernel, bias = _promote(inputs, kernel, bias, self.dtype, self.param_dtype)
     return _einsum("Fp8Einsum", plan, inputs, kernel, bias, self.recipe, self.precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused FP8 GEGLU feed-forward block (openpi's FeedForward, with its pre-norm)
+
+
+def _ffn_lecun_init():
+  """openpi FeedForward's gating_einsum initializer: lecun_normal over (2, D, F) with axis 0 a batch axis."""
+  return initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+def freeze_ffn_params(params, granularity: str = "channel"):
+  """openpi FeedForward params {'gating_einsum': (2, D, F), 'linear': (F, D)} (floats) -> the frozen
+  params of `Fp8GluFfn(frozen=True)`: 'gating_einsum' (2F, D) float8_e4m3fn = [w[0]^T ; w[1]^T] with
+  'gating_einsum_scale', and 'linear' (D, F) float8_e4m3fn with 'linear_scale'; quantized once,
+  per output channel by default (or "tensor")."""
+  wg = fp8_gate_up_weight(jnp.asarray(params["gating_einsum"]), granularity)
+  wd = Fp8Weight.from_kernel(jnp.asarray(params["linear"]), granularity)
+  return {"gating_einsum": wg.data, "gating_einsum_scale": wg.scale, "linear": wd.data, "linear_scale": wd.scale}
+
+
+class Fp8GluFfn(nn.Module):
+  """openpi's `FeedForward` (Gemma's GEGLU MLP) fused with its pre-norm, on `fp8_glu_ffn`:
+  out = (act(h @ w[0]) * (h @ w[1])) @ linear [+ x], h = x * rsqrt(mean(x^2) + eps) * (1 + norm_scale).
+
+  Parameters have openpi's names, so its checkpoints load: trainable (`frozen=False`): 'gating_einsum'
+  (2, D, F) and 'linear' (F, D), floats. Frozen (`frozen=True`): 'gating_einsum' (2F, D) and 'linear'
+  (D, F) float8_e4m3fn with 'gating_einsum_scale' and 'linear_scale' (build them from a float
+  checkpoint with `freeze_ffn_params`); their gradient is never computed. The RMSNorm's scale lives
+  in openpi's sibling module ('pre_ffw_norm'), so it comes in as a call argument.
+
+  Attributes:
+    features: D, the model width. hidden_dim: F.
+    frozen: FP8 weights (see above).
+    activation: "gelu_tanh" (Gemma) or "silu".
+    eps: the RMSNorm's epsilon.
+    residual: add x to the output (openpi's Block adds it itself: default False).
+    recipe: `Fp8Recipe`; None: default (row scaling, FP8 backward).
+    remat_gate_up: see `fp8_glu_ffn`.
+    param_dtype: the dtype of float params (default float32); the computation runs in x's dtype.
+    weight_granularity: how frozen weights are quantized at init: "channel" or "tensor".
+
+  >>> ffn = Fp8GluFfn(features=64, hidden_dim=128)
+  >>> x = jnp.ones((2, 8, 64), jnp.bfloat16)
+  >>> params = ffn.init(jax.random.key(0), x, jnp.zeros((64,)))
+  >>> jax.tree_util.tree_map(jnp.shape, params)
+  {'params': {'gating_einsum': (2, 64, 128), 'linear': (128, 64)}}
+  """
+
+  features: int
+  hidden_dim: int
+  frozen: bool = False
+  activation: str = "gelu_tanh"
+  eps: float = 1e-6
+  residual: bool = False
+  recipe: Fp8Recipe | None = None
+  remat_gate_up: bool = False
+  param_dtype: Any = jnp.float32
+  weight_granularity: str = "channel"
+
+  @nn.compact
+  def __call__(self, x, norm_scale):
+    """x (..., D) float, norm_scale (D,) float (openpi's pre_ffw_norm 'scale') -> (..., D) in x's dtype."""
+    op = "Fp8GluFfn"
+    d, f = self.features, self.hidden_dim
+    if jnp.shape(x)[-1] != d:
+      raise ValueError(f"{op}: inputs must have last axis features={d}, got shape {jnp.shape(x)}")
+    g_shape, l_shape = (2, d, f), (f, d)
+    if not self.frozen:
+      wg = self.param("gating_einsum", _ffn_lecun_init(), g_shape, self.param_dtype).astype(x.dtype)
+      wd = self.param("linear", default_kernel_init, l_shape, self.param_dtype).astype(x.dtype)
+    else:
+      _checks.choice(op, "weight_granularity", self.weight_granularity, GRANULARITIES)
+      if self.is_initializing() and not self.has_variable("params", "gating_einsum"):
+        floats = {"gating_einsum": _ffn_lecun_init()(self.make_rng("params"), g_shape, self.param_dtype),
+                  "linear": default_kernel_init(self.make_rng("params"), l_shape, self.param_dtype)}
+        for name, value in freeze_ffn_params(floats, self.weight_granularity).items():
+          self.put_variable("params", name, value)
+      per_channel = self.weight_granularity == "channel"
+      wg = Fp8Weight(self.param("gating_einsum", lambda _: jnp.zeros((2 * f, d), E4M3)),
+                     self.param("gating_einsum_scale", lambda _: jnp.ones((2 * f,) if per_channel else (), F32)))
+      wd = Fp8Weight(self.param("linear", lambda _: jnp.zeros((d, f), E4M3)),
+                     self.param("linear_scale", lambda _: jnp.ones((d,) if per_channel else (), F32)))
+      for name, w in (("gating_einsum", wg), ("linear", wd)):
+        if jnp.dtype(w.data.dtype) != E4M3:
+          raise TypeError(f"{op}(frozen=True): param '{name}' must be float8_e4m3fn, got {w.data.dtype} "
+                          f"{w.data.shape}; convert openpi checkpoints with flashrt_jax.linen.freeze_ffn_params")
+    return fp8_glu_ffn(x, norm_scale, wg, wd, eps=self.eps, activation=self.activation, residual=self.residual,
+                       recipe=self.recipe, remat_gate_up=self.remat_gate_up)

@@ -3,7 +3,8 @@
 `fp8_gemm` is the raw cuBLASLt FP8 GEMM as a JAX op. `fp8_dense` is the layer: it quantizes the
 activation (and a trainable weight) on the fly, runs the GEMM, and in its backward computes dx and
 dW with FP8 (E5M2 gradient) or BF16 GEMMs. A frozen weight (`Fp8Weight`) stays 1 byte per parameter
-and its gradient is never computed.
+and its gradient is never computed. An activation that a fused producer (RMSNorm, GLU, ...) already
+quantized (`Fp8Activation`) goes straight into the GEMM.
 """
 
 from __future__ import annotations
@@ -168,6 +169,36 @@ class Fp8Weight:
     return cls(*children)
 
 
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Fp8Activation:
+  """An activation already quantized to FP8, as the fused producers (`rms_norm_fp8`, `glu_fp8`, ...)
+  return it: `data` (..., K) float8_e4m3fn (or float8_e5m2) and `scale` () float32 (per tensor) or
+  (..., 1) (per row), with x ≈ data * scale.
+
+  `fp8_dense(Fp8Activation(q, s), kernel)` feeds it straight into the FP8 GEMM (no quantize pass).
+  It is not differentiable: its gradient is zero.
+  """
+
+  data: jax.Array
+  scale: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.data.shape)
+
+  def dequantize(self, dtype=jnp.bfloat16):
+    """data * scale in dtype."""
+    return reference.dequantize(self.data, self.scale, dtype)
+
+  def tree_flatten(self):
+    return (self.data, self.scale), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children)
+
+
 # ---------------------------------------------------------------------------------------------
 # fp8_dense
 
@@ -254,22 +285,29 @@ def _dense_frozen_fwd(x, w_data, w_scale, bias, recipe, dtypes):
   return _dense_frozen(x, w_data, w_scale, bias, recipe, dtypes), (w_data, w_scale, bias)
 
 
-def _dense_frozen_bwd(recipe, dtypes, res, dy):
-  x_dtype = dtypes[0]
-  w_data, w_scale, bias = res
-  dx_out = x_dtype if x_dtype in OUT_DTYPES else BF16
-  if recipe.backward == "fp8":
+def _frozen_dx(dy, w_data, w_scale, backward, out_dtype, fold_dtype=F32):
+  """dx = dy @ (w_data * w_scale) for a frozen (N, K) weight: an FP8 GEMM on dy quantized to E5M2
+  (current scaling), or XLA's BF16 dot on the dequantized weight (backward="bf16"). fold_dtype: the
+  dtype of dy * per-channel scale before its E5M2 quantization (dy's own dtype halves that pass's
+  bytes; E5M2 rounds it much more coarsely anyway)."""
+  if backward == "fp8":
     one = jnp.ones((), F32)
     if w_scale.ndim:  # per-channel scales lie along dx's reduction axis: fold them into dy first
-      g, g_scale = dy.astype(F32) * w_scale, one
+      g, g_scale = (dy.astype(F32) * w_scale).astype(fold_dtype), one
     else:
       g, g_scale = dy, w_scale
     gq, sg, _ = raw_quant.quantize_current(g, E5M2, False)
     # The one FP8 copy is (N, K); dx needs (K, N): XLA transposes it (1 byte per parameter each way).
-    dx = _gemm_2d(gq, w_data.T, sg, g_scale, None, dx_out, False)
-  else:
-    w = reference.dequantize(w_data, w_scale[:, None] if w_scale.ndim else w_scale, BF16)  # (N, K)
-    dx = jnp.dot(dy.astype(BF16), w, preferred_element_type=F32)
+    return _gemm_2d(gq, w_data.T, sg, g_scale, None, out_dtype, False)
+  w = reference.dequantize(w_data, w_scale[:, None] if w_scale.ndim else w_scale, BF16)  # (N, K)
+  return jnp.dot(dy.astype(BF16), w, preferred_element_type=F32).astype(out_dtype)
+
+
+def _dense_frozen_bwd(recipe, dtypes, res, dy):
+  x_dtype = dtypes[0]
+  w_data, w_scale, bias = res
+  dx_out = x_dtype if x_dtype in OUT_DTYPES else BF16
+  dx = _frozen_dx(dy, w_data, w_scale, recipe.backward, dx_out if recipe.backward == "fp8" else F32)
   db = None if bias is None else dy.astype(F32).sum(0).astype(bias.dtype)
   return dx.astype(x_dtype), None, None, db
 
@@ -289,11 +327,157 @@ def _dense_xla(x, kernel, bias):
   return y.astype(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# The GEMM stage on an FP8 activation: shared by fp8_dense(Fp8Activation, ...) and the fused
+# composites of flashrt_jax.ops.fused_dense (norm / GLU producer -> FP8 GEMM).
+
+
+def _pad_t(a):
+  """a (M, K) FP8 -> a^T (K, M rounded up to 16), zero padded: the K-contiguous operand of a GEMM
+  that reduces over M. An XLA transpose, 1 byte per element each way."""
+  m = a.shape[0]
+  pad = raw_quant.padded_rows(m) - m
+  return jax.lax.pad(a.T, jnp.zeros((), a.dtype), ((0, 0, 0), (0, pad, 0)))
+
+
+def act_gemm_fwd(a, sa, kernel, bias, out_dtype, fast_accum: bool):
+  """y = (a * sa) @ kernel [+ bias] for an FP8 activation a (M, K), sa () or (M, 1) float32.
+
+  kernel: a trainable float (K, N) kernel, quantized per tensor here (current scaling), or a frozen
+  (w_data (N, K) float8_e4m3fn, w_scale () or (N,)) pair. Returns (y (M, N) out_dtype, residuals for
+  `act_gemm_bwd`): a trainable kernel keeps a, sa and its FP8 copy (K, N); a frozen one keeps itself.
+  """
+  if isinstance(kernel, tuple):
+    w_data, w_scale = kernel
+    return _gemm_2d(a, w_data, sa, w_scale, bias, out_dtype, fast_accum), (w_data, w_scale)
+  wq, wq_t, sw, _ = raw_quant.quantize_transpose_current(kernel, E4M3)
+  return _gemm_2d(a, wq_t, sa, sw, bias, out_dtype, fast_accum), (a, sa, wq, sw)
+
+
+def act_gemm_bwd(res, dy, backward: str, da_dtype, dw_dtype, need_da: bool = True, fold_dtype=F32):
+  """Gradients of `act_gemm_fwd` for dy (M, N): (da, dW).
+
+  da: the gradient of the dequantized activation (M, K) in da_dtype (None unless need_da). dW: the
+  (K, N) kernel's in dw_dtype, None for a frozen kernel. fold_dtype: see `_frozen_dx`. backward="fp8": dy quantized to E5M2 per
+  tensor (current scaling) and FP8 GEMMs; a per-row activation scale lies along dW's reduction axis,
+  so it is folded into dy (g = dy * sa, quantized separately) and the GEMM reads the FP8 activation
+  data transposed as is. backward="bf16": XLA BF16 dots on the dequantized residuals.
+  """
+  if len(res) == 2:  # frozen
+    w_data, w_scale = res
+    return (_frozen_dx(dy, w_data, w_scale, backward, da_dtype, fold_dtype) if need_da else None), None
+  a, sa, wq, sw = res
+  da = None
+  if backward == "fp8":
+    g_dtype = E5M2 if jnp.dtype(a.dtype) == E4M3 else E4M3  # the GEMM takes at most one E5M2 operand
+    if sa.ndim:
+      if need_da:
+        dyq, sdy, _ = raw_quant.quantize_current(dy, E5M2, False)
+        da = _gemm_2d(dyq, wq, sdy, sw, None, da_dtype, False)          # (M, N) . (K, N)^T
+      g = (dy.astype(F32) * sa).astype(dy.dtype)
+      _, gq_t, sg, _ = raw_quant.quantize_transpose_current(g, g_dtype)
+      dw = _gemm_2d(_pad_t(a), gq_t, jnp.ones((), F32), sg, None, dw_dtype, False)  # (K, M) . (N, M)^T
+    else:
+      dyq, dyq_t, sdy, _ = raw_quant.quantize_transpose_current(dy, g_dtype)
+      if need_da:
+        da = _gemm_2d(dyq, wq, sdy, sw, None, da_dtype, False)
+      dw = _gemm_2d(_pad_t(a), dyq_t, sa, sdy, None, dw_dtype, False)
+  else:
+    dyb = dy.astype(BF16)
+    if need_da:
+      w = reference.dequantize(wq, sw, BF16)                                     # (K, N)
+      da = jnp.dot(dyb, w.T, preferred_element_type=F32).astype(da_dtype)
+    x = reference.dequantize(a, sa, BF16)                                        # (M, K)
+    dw = jnp.dot(x.T, dyb, preferred_element_type=F32).astype(dw_dtype)
+  return da, dw
+
+
+def _kernel_out_dtype(kernel_dtype):
+  return kernel_dtype if kernel_dtype in OUT_DTYPES else F32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _act_dense(a, sa, kernel, bias, recipe, dtypes):
+  return act_gemm_fwd(a, sa, kernel, bias, dtypes[0], recipe.fast_accum)[0]
+
+
+def _act_dense_fwd(a, sa, kernel, bias, recipe, dtypes):
+  y, res = act_gemm_fwd(a, sa, kernel, bias, dtypes[0], recipe.fast_accum)
+  return y, (() if isinstance(kernel, tuple) else res)  # frozen: nothing to keep but dy itself
+
+
+def _act_dense_bwd(recipe, dtypes, res, dy):
+  _, kernel_dtype, bias_dtype = dtypes
+  db = None if bias_dtype is None else dy.astype(F32).sum(0).astype(bias_dtype)
+  if not res:  # frozen: the FP8 activation and the weight get no gradient
+    return None, None, (None, None), db
+  _, dw = act_gemm_bwd(res, dy, recipe.backward, None, _kernel_out_dtype(kernel_dtype), need_da=False)
+  return None, None, dw.astype(kernel_dtype), db
+
+
+_act_dense.defvjp(_act_dense_fwd, _act_dense_bwd)
+
+
+def check_kernel(op: str, kernel, k: int, name: str = "kernel"):
+  """Validates a trainable (K, N) float kernel or a frozen Fp8Weight against the activation width
+  k, for the FP8 GEMM (K and N multiples of 16); returns (frozen, N)."""
+  frozen = isinstance(kernel, Fp8Weight)
+  if frozen:
+    _checks.array(op, f"{name}.data", kernel.data, (E4M3,), rank=2)
+    _checks.scale(op, f"{name}.scale", kernel.scale, ((), (kernel.data.shape[0],)))
+  else:
+    _checks.array(op, name, kernel, _checks.FLOAT_DTYPES, rank=2)
+  kk, n = kernel.shape
+  if kk != k:
+    raise ValueError(f"{op}: {name} must have shape ({k}, N) to match the activation width {k}; got "
+                     f"{tuple(kernel.shape)}" + (" (an Fp8Weight's shape is data.T's)" if frozen else ""))
+  if k % 16 or n % 16:
+    raise ValueError(f"{op}: the FP8 GEMM needs K and N multiples of 16 (cuBLASLt FP8 alignment), got "
+                     f"K={k}, N={n}")
+  return frozen, n
+
+
+def check_bias(op: str, bias, n: int):
+  if bias is not None:
+    _checks.array(op, "bias", bias, _checks.FLOAT_DTYPES, rank=1)
+    if bias.shape != (n,):
+      raise ValueError(f"{op}: bias must have shape ({n},), got {bias.shape}")
+
+
+def kernel_operand(kernel):
+  """What act_gemm_fwd takes: the float kernel, or a frozen weight's (data, scale)."""
+  return (kernel.data, kernel.scale) if isinstance(kernel, Fp8Weight) else kernel
+
+
+def _fp8_act_dense(op, x, kernel, bias, recipe):
+  """fp8_dense on an Fp8Activation: always the FP8 GEMM, output bfloat16."""
+  _checks.array(op, "x.data", x.data, _checks.FP8_DTYPES)
+  _checks.scale(op, "x.scale", x.scale, ((), x.data.shape[:-1] + (1,)))
+  k = x.data.shape[-1]
+  _, n = check_kernel(op, kernel, k)
+  check_bias(op, bias, n)
+  lead = x.data.shape[:-1]
+  m = 1
+  for d in lead:
+    m *= d
+  a = x.data.reshape(m, k)
+  sa = x.scale.reshape(m, 1) if x.scale.ndim else x.scale
+  dtypes = (BF16, None if isinstance(kernel, Fp8Weight) else jnp.dtype(kernel.dtype),
+            None if bias is None else jnp.dtype(bias.dtype))
+  y = _act_dense(a, sa, kernel_operand(kernel), bias, recipe, dtypes)
+  return y.reshape(lead + (n,))
+
+
 def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
   """y = x @ kernel [+ bias] with an FP8 GEMM: the differentiable layer op.
 
   Args:
-    x: (..., K) bfloat16, float32 or float16 activations; leading axes are flattened into M.
+    x: (..., K) bfloat16, float32 or float16 activations; leading axes are flattened into M. Or an
+      `Fp8Activation` (already quantized, e.g. by a fused norm): it goes straight into the FP8 GEMM
+      (no quantize pass, no routing: always the FP8 path; K and N must be multiples of 16), the
+      output is bfloat16 and the activation gets no gradient. A trainable kernel still gets dW (FP8
+      GEMM on the FP8 activation data transposed, or a BF16 dot on it dequantized, per
+      recipe.backward); recipe.granularity does not apply (the activation's scale is given).
     kernel: either a trainable (K, N) float kernel (the Flax layout), quantized per tensor on each
       call (backward gives dx and dW), or a frozen `Fp8Weight` (backward gives dx only; its
       gradient is None and never computed).
@@ -310,6 +494,8 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
   recipe = Fp8Recipe() if recipe is None else recipe
   if not isinstance(recipe, Fp8Recipe):  # its fields are checked when it is built
     raise TypeError(f"{op}: recipe must be an Fp8Recipe or None, got {recipe!r}")
+  if isinstance(x, Fp8Activation):
+    return _fp8_act_dense(op, x, kernel, bias, recipe)
   _checks.array(op, "x", x, _checks.FLOAT_DTYPES)
   frozen = isinstance(kernel, Fp8Weight)
   if recipe.granularity is None:
