@@ -1,6 +1,7 @@
 """Per-kernel device time of fp8_dense against XLA's BF16 dot, from a jax.profiler trace.
 
     python benchmarks/profile_kernels.py [M,K,N ...]
+    python benchmarks/profile_kernels.py decode   # pi0.5 action-expert attention against a cached prefix
 
 For each shape prints wall time per call (host dispatch and thunk overhead included) next to the
 summed GPU kernel time per call, and the kernels that make it up: it tells launch- or host-bound
@@ -53,7 +54,26 @@ def profile(fn, sets, tag, top=8):
     print(f"   {us / calls:8.2f} us  x{count[name] / calls:.0f}  {name}")
 
 
+def decode():
+  """One flow step's attention at B = 1: 50 action queries x 8 heads against a cached 968-token
+  prefix (one KV head, D 256) plus their own 50 keys, block-causal as in pi0.5."""
+  b, tp, t, hq, d = 1, 968, 50, 8, 256
+  key = lambda i: jax.random.key(i)
+  sets = []
+  for i in range(8):
+    q = common.random_normal(key(10 * i), (b, t, hq, d), jnp.bfloat16)
+    k, v = (common.random_normal(key(10 * i + j), (b, t, 1, d), jnp.bfloat16) for j in (1, 2))
+    kp, vp = (common.random_normal(key(10 * i + j), (b, tp, 1, d), jnp.bfloat16) for j in (3, 4))
+    sets.append((q, k, v, kp, vp))
+  q_ids = jnp.ones((b, t), jnp.int32)
+  k_ids = jnp.concatenate([jnp.zeros((b, tp), jnp.int32), jnp.ones((b, t), jnp.int32)], axis=1)
+  fn = lambda q, k, v, kp, vp: fr.attention(q, k, v, prefix_kv=(kp, vp), q_block_ids=q_ids, k_block_ids=k_ids)
+  profile(fn, sets, "flashrt attention decode 50 queries x 8 heads vs 968 + 50 keys, D 256")
+
+
 def main():
+  if sys.argv[1:] == ["decode"]:
+    return decode()
   shapes = [tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or [(50, 1024, 4096), (968, 2048, 2048),
                                                                           (30976, 2048, 2048)]
   for m, k, n in shapes:
