@@ -469,12 +469,15 @@ __global__ void __launch_bounds__(kThreads) CombineKernel(Params p, AttentionFor
   for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   constexpr int kPerLane = D / 32;
   float acc[kPerLane] = {};
-  for (int s = 0; s < splits; ++s) {
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) {  // an empty split has w = 0 and a zero partial output
     const float ws = __shfl_sync(0xffffffffu, w, s);
-    if (ws == 0.0f) continue;
     const float* src = po + (s * rows_total + row) * D + lane * kPerLane;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[i] += ws * src[i];
+    for (int i = 0; i < kPerLane; i += 2) {
+      const float2 v = *reinterpret_cast<const float2*>(src + i);
+      acc[i] += ws * v.x, acc[i + 1] += ws * v.y;
+    }
   }
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   T* dst = static_cast<T*>(out.o) + row * D + lane * kPerLane;

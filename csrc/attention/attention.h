@@ -58,7 +58,7 @@ struct AttentionBackwardArgs {
 // Key splits of the forward pass: when the query tiles alone cannot fill the GPU (decode: few
 // queries, many keys), the key axis is split and partial results are merged in a second kernel.
 inline int64_t AttentionKeySplits(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv) {
-  constexpr int64_t kQueryRowsPerTile = 64, kKeysPerSplit = 128, kTargetTiles = 264, kMaxSplits = 16;
+  constexpr int64_t kQueryRowsPerTile = 128, kKeysPerSplit = 64, kTargetTiles = 264, kMaxSplits = 32;
   int64_t rows = tq * (hq / hkv);  // the query heads of one KV head share a tile
   int64_t tiles = batch * hkv * ((rows + kQueryRowsPerTile - 1) / kQueryRowsPerTile);
   if (tiles * 2 >= kTargetTiles) return 1;
