@@ -457,7 +457,8 @@ def test_scan_and_checkpoint(platform, rng, frozen):
   g_scan = jax.jit(jax.grad(loss(scanned), argnums))(x, params)
   g_loop = jax.jit(jax.grad(loss(looped), argnums))(x, params)
   for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_loop))):
-    assert rel_l2(a, b) <= 1e-2, f"{case}: gradient leaf {i} rel L2 {rel_l2(a, b):.2e}"
+    tol = 1e-2 if platform == "cpu" else 5e-2  # as the forward, through two more FP8 GEMMs per layer
+    assert rel_l2(a, b) <= tol, f"{case}: gradient leaf {i} rel L2 {rel_l2(a, b):.2e}"
 
 
 # ---------------------------------------------------------------------------------------------
