@@ -457,7 +457,9 @@ def test_scan_and_checkpoint(platform, rng, frozen):
   g_scan = jax.jit(jax.grad(loss(scanned), argnums))(x, params)
   g_loop = jax.jit(jax.grad(loss(looped), argnums))(x, params)
   for i, (a, b) in enumerate(zip(jax.tree_util.tree_leaves(g_scan), jax.tree_util.tree_leaves(g_loop))):
-    tol = 1e-2 if platform == "cpu" else 5e-2  # as the forward, through two more FP8 GEMMs per layer
+    # On the GPU the two programs' forwards differ by a few FP8 codes (above), and the E5M2 gradient of
+    # each then carries its own rounding noise (6-9% vs the exact gradient): 0.10 measured on the H100.
+    tol = 1e-2 if platform == "cpu" else 0.2
     assert rel_l2(a, b) <= tol, f"{case}: gradient leaf {i} rel L2 {rel_l2(a, b):.2e}"
 
 
