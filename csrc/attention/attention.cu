@@ -194,7 +194,7 @@ template <int D>
 __device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, const Tile& dst, int b, int h,
                                               int64_t row0, int nrows) {
   constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < nrows * kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < nrows * kChunks; i += blockDim.x) {
     const int r = i / kChunks, c = i % kChunks;
     const int64_t row = row0 + r, t = row / p.group;
     const bool ok = t < p.tq;
@@ -209,7 +209,7 @@ __device__ __forceinline__ void LoadKeyTile(const Params& p, const Tile& k, cons
                                             int tile) {
   constexpr int kChunks = D / 8;
   const int64_t j0 = int64_t(tile) * kKeysPerTile;
-  for (int i = threadIdx.x; i < kKeysPerTile * kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < kKeysPerTile * kChunks; i += blockDim.x) {
     const int r = i / kChunks, c = i % kChunks;
     const char* kr = KeyRow<D>(p, p.k, p.k2, b, h, j0 + r);
     const char* vr = KeyRow<D>(p, p.v, p.v2, b, h, j0 + r);
@@ -224,7 +224,7 @@ __device__ __forceinline__ void LoadKeyTile(const Params& p, const Tile& k, cons
 __device__ int ListKeyTiles(const Params& p, int b, int qmin, int qmax, bool rows_complete, int begin, int end,
                             uint16_t* list, uint8_t* flags, int* count) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int t = begin + warp; t < end; t += kThreads / 32) {
+  for (int t = begin + warp; t < end; t += blockDim.x / 32) {
     const int64_t j = int64_t(t) * kKeysPerTile + 2 * lane;
     const int e0 = KeyEff(p, b, j), e1 = KeyEff(p, b, j + 1);
     const bool any = __any_sync(0xffffffffu, e0 <= qmax || e1 <= qmax);
@@ -247,7 +247,7 @@ __device__ void QueryBlockRange(const Params& p, int b, int64_t row0, int nrows,
                                 bool* complete) {
   if (threadIdx.x == 0) red[0] = INT_MAX, red[1] = INT_MIN, red[2] = 1;
   __syncthreads();
-  for (int r = threadIdx.x; r < nrows; r += kThreads) {
+  for (int r = threadIdx.x; r < nrows; r += blockDim.x) {
     const int64_t t = (row0 + r) / p.group;
     if (t < p.tq) {
       const int qb = QueryBlock(p, b, t);
@@ -264,15 +264,15 @@ __device__ void QueryBlockRange(const Params& p, int b, int64_t row0, int nrows,
 // ---------------------------------------------------------------------------------------------
 // Forward
 
-constexpr int kFwdRows = 128;  // 8 warps x 16 rows
-
-template <int D>
+// Rows per forward CTA: 128 (8 warps x 16 rows); 64 (4 warps) when the keys are split (decode), so
+// that the few query rows still spread over many CTAs.
+template <int D, int kFwdRows>
 constexpr int FwdSmemBytes() {
   return (kFwdRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 16;
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
+template <typename T, int D, int kFwdRows>
+__global__ void __launch_bounds__(kFwdRows * 2, 1)
     ForwardKernel(Params p, AttentionForwardOut out, float* partial, int tiles_per_split) {
   constexpr int kChunks = D / 8, kDTiles = D / 8;
   extern __shared__ __align__(128) char smem[];
@@ -449,43 +449,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// Merges the key splits: one warp per output row.
+// Merges the key splits: one block per output row, one thread per element of the head dim.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) CombineKernel(Params p, AttentionForwardOut out, const float* partial,
-                                                          int splits) {
-  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
-  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows_total) return;
+__global__ void __launch_bounds__(D) CombineKernel(Params p, AttentionForwardOut out, const float* partial,
+                                                   int splits) {
+  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq, row = blockIdx.x;
   const float* po = partial;
   const float* pm = partial + splits * rows_total * D;
   const float* pl = pm + splits * rows_total;
-  const float ms = lane < splits ? pm[lane * rows_total + row] : -INFINITY;
-  const float ls = lane < splits ? pl[lane * rows_total + row] : 0.0f;
-  float mx = ms;
-  for (int off = 16; off; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  const float w = ls > 0.0f ? ls * exp2f(ms - mx) : 0.0f;
-  float sum = w;
-  for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  constexpr int kPerLane = D / 32;
-  float acc[kPerLane] = {};
-#pragma unroll 4
-  for (int s = 0; s < splits; ++s) {  // an empty split has w = 0 and a zero partial output
-    const float ws = __shfl_sync(0xffffffffu, w, s);
-    const float* src = po + (s * rows_total + row) * D + lane * kPerLane;
-#pragma unroll
-    for (int i = 0; i < kPerLane; i += 2) {
-      const float2 v = *reinterpret_cast<const float2*>(src + i);
-      acc[i] += ws * v.x, acc[i + 1] += ws * v.y;
-    }
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, pm[s * rows_total + row]);
+  float sum = 0.0f, acc = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) {  // an empty split has l = 0 and a zero partial output
+    const float l = pl[s * rows_total + row];
+    const float w = l > 0.0f ? l * exp2f(pm[s * rows_total + row] - mx) : 0.0f;
+    sum += w;
+    acc += w * po[(s * rows_total + row) * D + threadIdx.x];
   }
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  T* dst = static_cast<T*>(out.o) + row * D + lane * kPerLane;
-#pragma unroll
-  for (int i = 0; i < kPerLane; i += 2) {
-    *reinterpret_cast<uint32_t*>(dst + i) = Elem<T>::Pack(acc[i] * inv, acc[i + 1] * inv);
-  }
-  if (lane == 0) {
+  const float v = sum > 0.0f ? acc / sum : 0.0f;
+  static_cast<T*>(out.o)[row * D + threadIdx.x] = static_cast<T>(v);
+  if (threadIdx.x == 0) {
     const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
     out.lse[(b * p.hq + head) * p.tq + t] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
   }
@@ -830,21 +814,31 @@ cudaError_t SetSmem(K kernel, int bytes) {
 
 int ListBytes(int n) { return ((n + 1) & ~1) + 2 * n + 16; }
 
+template <typename T, int D, int kRows>
+cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, float* partial, int splits,
+                          int per_split, cudaStream_t stream) {
+  const int smem = FwdSmemBytes<D, kRows>() + ListBytes(per_split);
+  auto kernel = ForwardKernel<T, D, kRows>;
+  if (cudaError_t e = SetSmem(kernel, smem); e != cudaSuccess) return e;
+  const dim3 grid(unsigned((p.rows + kRows - 1) / kRows), unsigned(p.batch * p.hkv), unsigned(splits));
+  kernel<<<grid, kRows * 2, smem, stream>>>(p, out, partial, per_split);
+  return cudaSuccess;
+}
+
 template <typename T, int D>
 cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, void* workspace, cudaStream_t stream) {
   const Params p = MakeParams(a);
   const int n_tiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
   const int splits = int(AttentionKeySplits(a.batch, a.tq, a.tk(), a.hq, a.hkv));
   const int per_split = (n_tiles + splits - 1) / splits;
-  const int smem = FwdSmemBytes<D>() + ListBytes(per_split);
-  auto kernel = ForwardKernel<T, D>;
-  if (cudaError_t e = SetSmem(kernel, smem); e != cudaSuccess) return e;
-  const dim3 grid(unsigned((p.rows + kFwdRows - 1) / kFwdRows), unsigned(p.batch * p.hkv), unsigned(splits));
-  float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
-  kernel<<<grid, kThreads, smem, stream>>>(p, out, partial, per_split);
-  if (splits > 1) {
+  if (splits == 1) {
+    if (cudaError_t e = LaunchForward<T, D, 128>(p, out, nullptr, 1, per_split, stream); e != cudaSuccess) return e;
+  } else {
+    float* partial = static_cast<float*>(workspace);
+    if (cudaError_t e = LaunchForward<T, D, 64>(p, out, partial, splits, per_split, stream); e != cudaSuccess)
+      return e;
     const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
-    CombineKernel<T, D><<<unsigned((rows_total + 7) / 8), kThreads, 0, stream>>>(p, out, partial, splits);
+    CombineKernel<T, D><<<unsigned(rows_total), D, 0, stream>>>(p, out, partial, splits);
   }
   return cudaGetLastError();
 }
