@@ -274,3 +274,18 @@ def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity="r
   """(q, scale[, y]) of glu(gate, up); y in gate.dtype."""
   y = glu(gate, up, activation=activation)
   return _fp8_output(y, dtype, scale, granularity, with_unquantized, gate.dtype)
+
+
+def glu_bwd(gate_up, dh, *, activation: str = "gelu_tanh"):
+  """float32 [dgate | dup] (..., 2F): the VJP of glu(gate_up) (merged) at cotangent dh (..., F)."""
+  _, vjp = jax.vjp(lambda gu: glu(gu, None, activation=activation), _as_f32(gate_up))
+  return vjp(_as_f32(dh))[0]
+
+
+def glu_bwd_fp8(gate_up, dh, *, activation="gelu_tanh", col_scale=None, scale=None, granularity="row",
+                dtype=jnp.float8_e5m2, with_unquantized=False):
+  """(q, scale[, y]) of glu_bwd(gate_up, dh) * col_scale (float32 (2F,) or None); y in gate_up.dtype."""
+  d = glu_bwd(gate_up, dh, activation=activation)
+  if col_scale is not None:
+    d = d * col_scale.astype(jnp.float32)
+  return _fp8_output(d, dtype, scale, granularity, with_unquantized, gate_up.dtype)

@@ -440,3 +440,136 @@ def test_handler_rejects_inconsistent_call(platform, call, match):
   with pytest.raises(RuntimeError, match=match) as info:  # XlaRuntimeError / JaxRuntimeError
     jax.block_until_ready(call())
   assert "INVALID_ARGUMENT" in str(info.value), f"{info.value}: the handler must return InvalidArgument"
+
+
+# ---------------------------------------------------------------------------------------------
+# glu_bwd_fp8: the fused GLU backward + quantize
+
+
+def _assert_glu_bwd_close(q, s, y, q_ref, s_ref, y_ref, what: str):
+  """The reference's float32 GLU backward is ill-conditioned in gelu's tail (1 + tanh(z) for z << 0
+  cancels to a few float32 ulps of 1, and the kernels' tanh and derivative order differ from XLA's in
+  those ulps), and E5M2 resolves values down to ~1e-9 of a row's amax: values below 2e-5 of the row's
+  largest count as agreeing when they agree to that absolute level."""
+  y, y_ref = np.asarray(y, np.float32), np.asarray(jnp.asarray(y_ref).astype(jnp.float32))
+  row_max = np.max(np.abs(y_ref), axis=-1, keepdims=True)
+  err = np.abs(y - y_ref)
+  ok = (err <= 2e-5 * row_max) | (err <= np.abs(y_ref) * 2.0 ** -7)
+  assert ok.all(), f"{what}: y off by up to {err.max():.3g} (rel L2 {rel_l2(y, y_ref):.2e})"
+  q, q_ref = np.asarray(q), np.asarray(q_ref)
+  deq = q.astype(np.float32) * np.asarray(s, np.float32)
+  deq_ref = q_ref.astype(np.float32) * np.asarray(s_ref, np.float32)
+  negligible = np.abs(deq - deq_ref) <= 2e-5 * row_max
+  d = np.where(negligible, 0, np.abs(_ordinal(q) - _ordinal(q_ref)))
+  assert d.max(initial=0) <= 1, f"{what}: codes differ by up to {d.max()} steps at {np.argwhere(d > 1)[:4]}"
+  assert (d > 0).sum() <= max(2, 5e-3 * d.size), f"{what}: {(d > 0).sum()} of {d.size} codes differ by one step"
+
+
+def _check_glu_bwd(rng, shape, x_dtype, dtype, granularity, scaling, activation, col_scale, case):
+  f = shape[-1]
+  gate_up = normal(rng, shape[:-1] + (2 * f,), x_dtype, std=2.0)
+  dh = normal(rng, shape, x_dtype)
+  kw = dict(activation=activation, dtype=dtype, granularity=granularity, with_unquantized=True, col_scale=col_scale)
+  if scaling == "static":
+    d0 = on_cpu(reference.glu_bwd_fp8, gate_up, dh, **dict(kw, granularity="row"))[-1]
+    kw["scale"] = _static_scale(rng, d0.astype(jnp.float32), dtype, granularity)
+  q, s, y = flashrt_jax.glu_bwd_fp8(gate_up, dh, **kw)
+  q_ref, s_ref, y_ref = on_cpu(reference.glu_bwd_fp8, gate_up, dh, **kw)
+  s_shape = gate_up.shape[:-1] + (1,) if granularity == "row" else ()
+  assert q.dtype == dtype and q.shape == gate_up.shape, f"{case}: q is {q.dtype} {q.shape}"
+  assert s.dtype == F32 and s.shape == s_shape, f"{case}: scale is {s.dtype} {s.shape}"
+  assert y.dtype == gate_up.dtype and y.shape == gate_up.shape, f"{case}: y is {y.dtype} {y.shape}"
+  if scaling == "static":
+    assert_bits_equal(s, kw["scale"], f"{case}: the given scale must come back")
+  else:
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=2e-5, err_msg=f"{case}: scale")
+  _assert_glu_bwd_close(q, s, y, q_ref, s_ref, y_ref, case)
+  if y.dtype == F32:  # exact: q is quantize() of the op's own float32 values
+    q_own, s_own = on_cpu(reference.quantize, y, dtype=dtype, granularity=granularity, scale=kw.get("scale"))
+    assert_fp8_equal(q, q_own, f"{case}: q vs quantize(y)")
+    assert_bits_equal(s, s_own, f"{case}: scale vs quantize(y)")
+
+
+# (rows..., F): rows 1 and 51; 2F = 64 (one warp), 2048 (several per row), 32768 (a 512-thread block
+# per row, for one row); a 3-D case and an F of no whole vectors (the scalar path).
+GLU_BWD_SHAPES = [(51, 32), (51, 1024), (1, 16384), (2, 3, 37)]
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", GLU_BWD_SHAPES, ids=str)
+@pytest.mark.parametrize("granularity,scaling", SCALINGS[:3], ids=SCALING_IDS[:3])
+@pytest.mark.parametrize("x_dtype,dtype", [pytest.param(F32, E5M2, id="f32-e5m2"),
+                                           pytest.param(BF16, E5M2, id="bf16-e5m2"),
+                                           pytest.param(BF16, E4M3, id="bf16-e4m3")])
+def test_glu_bwd_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape, activation):
+  case = _case(f"glu_bwd_fp8 {activation}", x_dtype, dtype, granularity, scaling, shape, platform)
+  _check_glu_bwd(rng, shape, x_dtype, dtype, granularity, scaling, activation, None, case)
+
+
+@pytest.mark.parametrize("granularity,scaling", [("row", "current"), ("tensor", "current"), ("row", "static")],
+                         ids=["row", "tensor", "static"])
+def test_glu_bwd_fp8_col_scale(platform, rng, granularity, scaling):
+  case = f"glu_bwd_fp8 col_scale {granularity} {scaling} on {platform}"
+  col_scale = jnp.asarray(rng.uniform(0.1, 3.0, (2048,)).astype(np.float32))
+  _check_glu_bwd(rng, (51, 1024), BF16, E5M2, granularity, scaling, "gelu_tanh", col_scale, case)
+
+
+def test_glu_bwd_fp8_vmap_and_defaults(platform, rng):
+  gate_up, dh = normal(rng, (3, 17, 128), BF16), normal(rng, (3, 17, 64), BF16)
+  col_scale = jnp.asarray(rng.uniform(0.5, 2.0, (128,)).astype(np.float32))
+  q, s = flashrt_jax.glu_bwd_fp8(gate_up, dh, activation="silu", col_scale=col_scale)
+  assert q.dtype == E5M2 and s.shape == (3, 17, 1), f"on {platform}: defaults give e5m2 per row, got {q.dtype} {s.shape}"
+  qv, sv = jax.vmap(lambda g, d: flashrt_jax.glu_bwd_fp8(g, d, activation="silu", col_scale=col_scale))(gate_up, dh)
+  assert_fp8_equal(qv, q, f"vmap of glu_bwd_fp8 on {platform}")
+  assert_bits_equal(sv, s, f"vmap of glu_bwd_fp8 scales on {platform}")
+
+
+def test_glu_bwd_fp8_not_differentiable(platform, rng):
+  gate_up, dh = normal(rng, (4, 64)), normal(rng, (4, 32))
+  loss = lambda g: jnp.sum(flashrt_jax.glu_bwd_fp8(g, dh, activation="gelu_tanh")[0].astype(F32))
+  with pytest.raises(TypeError, match="glu_bwd_fp8 is a backward building block and is not differentiable"):
+    jax.grad(loss)(gate_up)
+
+
+GLU_BWD_BAD = [
+    _bad("glu-bwd-activation", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32], activation="relu"), ValueError,
+         r"glu_bwd_fp8: activation must be one of"),
+    _bad("glu-bwd-odd", _f(flashrt_jax.glu_bwd_fp8, X[:, :63], X[:, :31], activation="silu"), ValueError,
+         r"glu_bwd_fp8: gate_up \[gate \| up\] must have an even last axis"),
+    _bad("glu-bwd-dh-shape", _f(flashrt_jax.glu_bwd_fp8, X, X, activation="silu"), ValueError,
+         r"glu_bwd_fp8: dh must have shape \(51, 32\)"),
+    _bad("glu-bwd-dh-dtype", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32].astype(F32), activation="silu"), TypeError,
+         r"glu_bwd_fp8: dh must be bfloat16"),
+    _bad("glu-bwd-col-scale", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32], activation="silu", col_scale=W[:32]),
+         ValueError, r"glu_bwd_fp8: col_scale must have shape \(64,\)"),
+    _bad("glu-bwd-too-wide", _f(flashrt_jax.glu_bwd_fp8, jnp.ones((2, 2 * 16392), BF16), jnp.ones((2, 16392), BF16),
+                                activation="silu"), ValueError, r"glu_bwd_fp8: gate and up rows must hold at most 16384"),
+    _bad("glu-bwd-scale-shape", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32], activation="silu",
+                                   scale=jnp.ones((51, 2), F32)), ValueError,
+         r"glu_bwd_fp8: scale must have shape \(\) or \(51, 1\), got \(51, 2\)"),
+    _bad("glu-bwd-dtype", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32], activation="silu", dtype=BF16), ValueError,
+         r"glu_bwd_fp8: dtype must be"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", GLU_BWD_BAD)
+def test_glu_bwd_fp8_bad_input_raises(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+@pytest.mark.parametrize("call,match", [
+    pytest.param(lambda: raw.glu_bwd_fp8(X, X, None, None, activation="silu", dtype=E5M2, rowwise=True, with_y=False),
+                 r"glu_bwd_fp8: dh must have gate_up's dtype and shape", id="dh-shape"),
+    pytest.param(lambda: raw.glu_bwd_fp8(X, X[:, :32], W[:30], None, activation="silu", dtype=E5M2, rowwise=True,
+                                         with_y=False), r"glu_bwd_fp8: col_scale must be float32 with 64", id="col"),
+    pytest.param(lambda: raw.glu_bwd_fp8(jnp.ones((2, 2 * 16392), BF16), jnp.ones((2, 16392), BF16), None, None,
+                                         activation="silu", dtype=E5M2, rowwise=True, with_y=False),
+                 r"glu_bwd_fp8: gate_up gate and up must hold at most 16384", id="too-wide"),
+    pytest.param(lambda: raw.glu_bwd_fp8(X, X[:, :32], None, None, activation="silu", dtype=BF16, rowwise=True,
+                                         with_y=False), r"glu_bwd_fp8: q must be float8", id="q-bf16"),
+])
+def test_glu_bwd_handler_rejects_inconsistent_call(platform, call, match):
+  with pytest.raises(RuntimeError, match=match) as info:
+    jax.block_until_ready(call())
+  assert "INVALID_ARGUMENT" in str(info.value), f"{info.value}: the handler must return InvalidArgument"

@@ -23,6 +23,7 @@ FLASHRT_DECLARE(AttentionFwd)
 FLASHRT_DECLARE(AttentionBwd)
 FLASHRT_DECLARE(NormFp8)
 FLASHRT_DECLARE(GluFp8)
+FLASHRT_DECLARE(GluBwdFp8)
 
 namespace {
 
@@ -47,6 +48,7 @@ NB_MODULE(FLASHRT_MODULE_NAME, m) {
     targets["flashrt_attention_bwd"] = Capsule(FLASHRT_HANDLER_NAME(AttentionBwd));
     targets["flashrt_norm_fp8"] = Capsule(FLASHRT_HANDLER_NAME(NormFp8));
     targets["flashrt_glu_fp8"] = Capsule(FLASHRT_HANDLER_NAME(GluFp8));
+    targets["flashrt_glu_bwd_fp8"] = Capsule(FLASHRT_HANDLER_NAME(GluBwdFp8));
     return targets;
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);

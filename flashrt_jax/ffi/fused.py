@@ -66,3 +66,17 @@ def glu_fp8(gate, up, scale, *, activation: str, dtype, rowwise: bool, with_y: b
   call = jax.ffi.ffi_call("flashrt_glu_fp8", results, vmap_method=_vmap_method(scale, rowwise))
   return list(call(*operands, activation=np.int32(ACTIVATIONS[activation]), merged=np.bool_(up is None),
                    static_scale=np.bool_(scale is not None), with_y=np.bool_(with_y)))
+
+
+def glu_bwd_fp8(gate_up, dh, col_scale, scale, *, activation: str, dtype, rowwise: bool, with_y: bool):
+  """gate_up (..., 2F) = [gate | up], dh (..., F) of its dtype, col_scale (2F,) float32 or None, scale
+  as for norm_fp8. Returns [q (..., 2F), scale?, amax?, y?] as a list."""
+  operands = [gate_up, dh] + [a for a in (col_scale, scale) if a is not None]
+  results = [jax.ShapeDtypeStruct(gate_up.shape, dtype)]
+  results += _scaling_results(gate_up.shape, gate_up.shape[-1], scale, rowwise)
+  if with_y:
+    results.append(jax.ShapeDtypeStruct(gate_up.shape, gate_up.dtype))
+  call = jax.ffi.ffi_call("flashrt_glu_bwd_fp8", results, vmap_method=_vmap_method(scale, rowwise))
+  return list(call(*operands, activation=np.int32(ACTIVATIONS[activation]),
+                   has_col_scale=np.bool_(col_scale is not None), static_scale=np.bool_(scale is not None),
+                   with_y=np.bool_(with_y)))

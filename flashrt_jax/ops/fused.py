@@ -275,3 +275,70 @@ def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity="r
   cfg, scale = _config(op, gate, out_shape, scale=scale, granularity=granularity, dtype=dtype,
                        with_unquantized=with_unquantized, activation=activation)
   return _fused(gate, up, None, None, None, None, scale, cfg)
+
+
+@jax.custom_jvp
+def _not_differentiable(x):
+  return x
+
+
+@_not_differentiable.defjvp
+def _not_differentiable_jvp(primals, tangents):
+  raise TypeError("glu_bwd_fp8 is a backward building block and is not differentiable (its FP8 output "
+                  "has no gradient); differentiate glu_fp8 / glu_dense / fp8_glu_ffn instead")
+
+
+def glu_bwd_fp8(gate_up, dh, *, activation, col_scale=None, scale=None, granularity="row", dtype=jnp.float8_e5m2,
+                with_unquantized=False):
+  """Backward of the merged GLU + FP8 quantization in one pass, for an FP8 FFN's backward: from
+  [gate | up] and dh = dL/d(act(gate) * up), in float32,
+
+    dgate = (dh * up) * act'(gate),   dup = dh * act(gate),
+
+  times col_scale when given, quantized to FP8 as d[gate | up] (..., 2F), ready for the gate|up GEMM's
+  input-gradient FP8 GEMM (E5M2 by default, per-row scales by default).
+
+  Args:
+    gate_up: (..., 2F) float32, bfloat16 or float16: the merged [gate | up] the forward GEMM wrote.
+      F <= 16384 (8192 if F is not a whole number of 16-byte vectors).
+    dh: (..., F) of gate_up's dtype and leading shape.
+    activation: "gelu_tanh" or "silu", as in glu_fp8 (act' is its exact derivative).
+    col_scale: optional (2F,) float factors (cast to float32) multiplied into d[gate | up] before the
+      quantization: the per-channel scales of a frozen gate|up weight, which lie along the next
+      GEMM's reduction axis and so cannot go into its epilogue.
+    scale, granularity, with_unquantized: as for rms_norm_fp8 (y: d[gate | up] * col_scale in
+      gate_up's dtype).
+    dtype: jnp.float8_e5m2 (default, gradients) or jnp.float8_e4m3fn.
+
+  Returns:
+    (q (..., 2F), scale) or (q, scale, y).
+
+  Not differentiable: differentiating through it raises a TypeError (it is the VJP of glu_fp8's
+  reference; its own FP8 output has no gradient).
+  """
+  op = "glu_bwd_fp8"
+  _checks.array(op, "gate_up", gate_up, _checks.FLOAT_DTYPES)
+  _checks.choice(op, "activation", activation, ACTIVATIONS)
+  if gate_up.shape[-1] % 2:
+    raise ValueError(f"{op}: gate_up [gate | up] must have an even last axis, got shape {gate_up.shape}")
+  f = gate_up.shape[-1] // 2
+  _check_width(op, "gate and up", gate_up, f)
+  dh_shape = gate_up.shape[:-1] + (f,)
+  _checks.array(op, "dh", dh, (jnp.dtype(gate_up.dtype),))
+  if dh.shape != dh_shape:
+    raise ValueError(f"{op}: dh must have shape {dh_shape} (gate_up's with the last axis halved); got {dh.shape}")
+  if col_scale is not None:
+    _checks.array(op, "col_scale", col_scale, _checks.FLOAT_DTYPES, rank=1)
+    if col_scale.shape != (2 * f,):
+      raise ValueError(f"{op}: col_scale must have shape ({2 * f},) to match gate_up's last axis; got "
+                       f"{col_scale.shape}")
+    col_scale = col_scale.astype(jnp.float32)
+  cfg, scale = _config(op, gate_up, gate_up.shape, scale=scale, granularity=granularity, dtype=dtype,
+                       with_unquantized=with_unquantized)
+  gate_up, dh = _not_differentiable(gate_up), _not_differentiable(dh)
+  if col_scale is not None:
+    col_scale = _not_differentiable(col_scale)
+  outs = raw.glu_bwd_fp8(gate_up, dh, col_scale, scale, activation=activation, dtype=cfg.dtype,
+                         rowwise=cfg.granularity == "row", with_y=cfg.with_y)
+  s = outs[1] if scale is None else jax.lax.stop_gradient(scale)
+  return (outs[0], s) + ((outs[-1],) if cfg.with_y else ())

@@ -5,11 +5,13 @@ Each composite is one `jax.custom_vjp`. Its forward runs the fused producer kern
 them straight to the cuBLASLt FP8 GEMM (the row scales enter through its outer-vector scale mode): the
 activation is never re-quantized and its BF16 form is never written.
 
-The backward passes are XLA compositions, not fused kernels: the GEMM's input gradient (and the
-weight gradient of a trainable kernel) by the same FP8 (E5M2 dy, current scaling) or BF16 GEMMs as
-`fp8_dense` (`recipe.backward`), then the norm / GLU backward as plain XLA elementwise and reduction
-code in float32 on recomputed values (the norm's 1 / rms and the activation are cheap to recompute from
-the saved inputs). Quantization counts as the identity (straight-through). A frozen `Fp8Weight` gets
+The backward passes are mostly XLA compositions: the GEMM's input gradient (and the weight gradient
+of a trainable kernel) by the same FP8 (E5M2 dy, current scaling) or BF16 GEMMs as `fp8_dense`
+(`recipe.backward`), then the norm / GLU backward as plain XLA elementwise and reduction code in
+float32 on recomputed values (the norm's 1 / rms and the activation are cheap to recompute from the
+saved inputs). The exception is fp8_glu_ffn with recipe.backward="fp8": its GLU backward is one fused
+kernel (`glu_bwd_fp8`) that also quantizes d[gate | up] for the gate|up FP8 dx GEMM (per-row E5M2).
+Quantization counts as the identity (straight-through). A frozen `Fp8Weight` gets
 no gradient and its weight gradient is never computed.
 
 Recipe fields for the composites: `granularity` is the producers' scaling ("row", the default
@@ -28,8 +30,8 @@ import jax.numpy as jnp
 
 from flashrt_jax import _checks, reference
 from flashrt_jax.ops import fused as producers
-from flashrt_jax.ops.gemm import (BF16, F32, OUT_DTYPES, Fp8Recipe, Fp8Weight, _kernel_out_dtype, act_gemm_bwd,
-                                  act_gemm_fwd, check_bias, check_kernel, kernel_operand)
+from flashrt_jax.ops.gemm import (BF16, F32, OUT_DTYPES, Fp8Recipe, Fp8Weight, _gemm_2d, _kernel_out_dtype,
+                                  act_gemm_bwd, act_gemm_fwd, check_bias, check_kernel, kernel_operand)
 
 ACTIVATIONS = ("gelu_tanh", "silu")
 
@@ -353,13 +355,38 @@ def _ffn_bwd(cfg, saved, dy):
                          cfg.out_dtype, cfg.recipe.fast_accum)
   else:
     gu = keep
-  dgu, = jax.vjp(lambda g: _glu_merged_f32(g, cfg.activation), gu)[1](da.astype(F32))
-  dh, dwg = _gemm_bwd(res_g, dgu.astype(cfg.out_dtype), cfg, kg_dtype, cfg.out_dtype)  # (M, D)
+  if cfg.recipe.backward == "fp8":
+    dh, dwg = _glu_gate_up_bwd_fp8(res_g, gu, da, cfg, kg_dtype)                     # (M, D)
+  else:
+    dgu, = jax.vjp(lambda g: _glu_merged_f32(g, cfg.activation), gu)[1](da.astype(F32))
+    dh, dwg = _gemm_bwd(res_g, dgu.astype(cfg.out_dtype), cfg, kg_dtype, cfg.out_dtype)  # (M, D)
   _, vjp = jax.vjp(lambda x, w: _rms_norm_f32(x, w, cfg.eps, cfg.offset), x, nw)
   dx, dnw = vjp(dh.astype(F32))
   if cfg.residual:
     dx = dx + dy.astype(F32)
   return dx.astype(x_dtype), dnw.astype(nw_dtype), _kernel_grad(dwg, kg_dtype), _kernel_grad(dwd, kd_dtype)
+
+
+def _glu_gate_up_bwd_fp8(res_g, gu, da, cfg, kg_dtype):
+  """(dh, dW_gate_up) from the GLU's input gu = [gate | up] (M, 2F) and its output's gradient da (M, F):
+  one fused kernel (glu_bwd_fp8) computes d[gate | up] in float32 and quantizes it to E5M2 with per-row
+  scales, which go straight into the gate|up GEMM's FP8 input-gradient GEMM (E5M2 x E4M3, the row
+  scales in cuBLASLt's outer-vector epilogue). A frozen weight's per-channel scales lie along that
+  GEMM's reduction axis: the kernel multiplies them in before quantizing. A trainable weight also
+  needs dW = h^T d[gate | up]: the kernel writes d[gate | up] unquantized (gu's dtype) in the same
+  pass, and dW takes act_gemm_bwd's FP8 path on it (h's row scales folded in, per-tensor E5M2)."""
+  one = jnp.ones((), F32)
+  if len(res_g) == 2:  # frozen (w_data (2F, D), w_scale () or (2F,)): no weight gradient
+    w_data, w_scale = res_g
+    q, s = producers.glu_bwd_fp8(gu, da, activation=cfg.activation, col_scale=w_scale if w_scale.ndim else None)
+    # The one FP8 copy is (2F, D); dx needs (D, 2F): XLA transposes it, as in gemm._frozen_dx.
+    dh = _gemm_2d(q, w_data.T, s, one if w_scale.ndim else w_scale, None, cfg.out_dtype, False)
+    return dh, None
+  _, _, wq, sw = res_g  # trainable: wq (D, 2F) float8_e4m3fn, sw () per tensor
+  q, s, dgu = producers.glu_bwd_fp8(gu, da, activation=cfg.activation, with_unquantized=True)
+  dh = _gemm_2d(q, wq, s, sw, None, cfg.out_dtype, False)                              # (M, 2F) . (D, 2F)^T
+  _, dw = act_gemm_bwd(res_g, dgu, "fp8", None, _kernel_out_dtype(kg_dtype), need_da=False, fold_dtype=dgu.dtype)
+  return dh, dw
 
 
 def _trainable_nk(res):
@@ -415,9 +442,12 @@ def fp8_glu_ffn(x, norm_weight, w_gating, w_down, *, eps: float = 1e-6, offset: 
   Returns:
     (..., D) in x's dtype.
 
-  Backward (an XLA composition): dy -> da (M, F) by the down GEMM's FP8 (E5M2 dy) or BF16 dx GEMM;
-  GLU backward in float32 XLA on the saved (or recomputed) gate|up buffer; -> dh (M, D) by the gate|up
-  GEMM's dx GEMM; RMSNorm backward in float32 XLA on x (1 / rms recomputed); + dy when residual.
+  Backward: dy -> da (M, F) by the down GEMM's FP8 (E5M2 dy) or BF16 dx GEMM; then, with
+  recipe.backward="fp8", one fused kernel (`glu_bwd_fp8`) reads the saved (or recomputed) gate|up
+  buffer and da and writes d[gate | up] as E5M2 with per-row scales (a frozen weight's per-channel
+  scales multiplied in), which the gate|up GEMM's FP8 dx GEMM reads as is -> dh (M, D); with "bf16",
+  the GLU backward in float32 XLA and the BF16 dx GEMM. Then the RMSNorm backward in float32 XLA on x
+  (1 / rms recomputed); + dy when residual.
   Trainable kernels get dW from their saved FP8 activations; frozen ones get none. Saved: x,
   norm_weight, the gate|up buffer (or the FP8 normed input), the FP8 GLU output and FP8 normed input
   for trainable kernels, and each trainable kernel's FP8 copy.
