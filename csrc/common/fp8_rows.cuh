@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/fp8_output.h"
 
@@ -40,6 +41,62 @@ struct alignas(sizeof(T) * V) Chunk {
   T v[V];
 };
 
+// V consecutive elements held as 32-bit words (2-byte elements two to a word, low half first; a
+// lone 2-byte element in the low half): the compiler gives every 16-bit value a register of its
+// own, which doubles a row's registers when chunks are kept as T arrays.
+template <typename T, int V>
+struct Packed {
+  static constexpr int kWords = (V * static_cast<int>(sizeof(T)) + 3) / 4;
+  uint32_t u[kWords];
+
+  __device__ __forceinline__ void Load(const T* p) {
+    if constexpr (V * sizeof(T) == 16) {
+      const uint4 w = *reinterpret_cast<const uint4*>(p);
+      u[0] = w.x, u[1] = w.y, u[2] = w.z, u[3] = w.w;
+    } else if constexpr (V * sizeof(T) == 8) {
+      const uint2 w = *reinterpret_cast<const uint2*>(p);
+      u[0] = w.x, u[1] = w.y;
+    } else if constexpr (V * sizeof(T) == 4) {
+      u[0] = *reinterpret_cast<const uint32_t*>(p);
+    } else {
+      static_assert(V * sizeof(T) == 2, "chunk of 2, 4, 8 or 16 bytes");
+      u[0] = *reinterpret_cast<const uint16_t*>(p);
+    }
+  }
+  __device__ __forceinline__ void Store(T* p) const {
+    if constexpr (V * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(p) = make_uint4(u[0], u[1], u[2], u[3]);
+    } else if constexpr (V * sizeof(T) == 8) {
+      *reinterpret_cast<uint2*>(p) = make_uint2(u[0], u[1]);
+    } else if constexpr (V * sizeof(T) == 4) {
+      *reinterpret_cast<uint32_t*>(p) = u[0];
+    } else {
+      *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(u[0]);
+    }
+  }
+  // Element k as float32: exactly ToFloat of the element.
+  __device__ __forceinline__ float Get(int k) const {
+    if constexpr (sizeof(T) == 4) {
+      return __uint_as_float(u[k]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return __uint_as_float(k % 2 == 0 ? u[k / 2] << 16 : u[k / 2] & 0xFFFF0000u);
+    } else {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(k % 2 == 0 ? u[k / 2] : u[k / 2] >> 16)));
+    }
+  }
+  // Sets element k to FromFloat<T>(v). Set every element of a word, even ones first.
+  __device__ __forceinline__ void Set(int k, float v) {
+    if constexpr (sizeof(T) == 4) {
+      u[k] = __float_as_uint(v);
+    } else {
+      uint32_t bits;
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+      else bits = __half_as_ushort(__float2half_rn(v));
+      u[k / 2] = k % 2 == 0 ? bits : (u[k / 2] | (bits << 16));
+    }
+  }
+};
+
 // V float32 parameters (weights, biases), as 16-byte loads where V allows.
 template <int V>
 __device__ __forceinline__ void LoadFloats(const float* p, float (&out)[V]) {
@@ -53,6 +110,12 @@ __device__ __forceinline__ void LoadFloats(const float* p, float (&out)[V]) {
 #pragma unroll
     for (int i = 0; i < V; ++i) out[i] = p[i];
   }
+}
+
+// a / b for non-negative a, b: 32-bit where both fit (a 64-bit division is a long subroutine).
+__device__ __forceinline__ int64_t DivRows(int64_t a, int64_t b) {
+  if (((a | b) >> 32) == 0) return static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
+  return a / b;
 }
 
 // |v| as ordered bits: an integer max orders non-negative floats and sorts every NaN above inf.
@@ -98,10 +161,74 @@ __device__ __forceinline__ uint32_t RowMax(uint32_t m, float* smem) {
   }
 }
 
+// RowSum / RowMax with the cross-warp step through `slot` (TPR / 32 words) and no leading sync:
+// the caller gives every reduction of a row its own slot and alternates two slot sets between
+// consecutive rows, so that a slot is rewritten only after a later barrier that every reader of
+// its previous value has passed. Same sums in the same order as RowSum.
+template <int TPR>
+__device__ __forceinline__ float RowSumAt(float v, float* slot) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  if constexpr (TPR == 32) {
+    return v;
+  } else {
+    if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
+    __syncthreads();
+    float s = slot[0];
+#pragma unroll
+    for (int w = 1; w < TPR / 32; ++w) s += slot[w];
+    return s;
+  }
+}
+
+template <int TPR>
+__device__ __forceinline__ uint32_t RowMaxAt(uint32_t m, float* slot) {
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  if constexpr (TPR == 32) {
+    return m;
+  } else {
+    uint32_t* bits = reinterpret_cast<uint32_t*>(slot);
+    if (threadIdx.x % 32 == 0) bits[threadIdx.x / 32] = m;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < TPR / 32; ++w) m = max(m, bits[w]);
+    return m;
+  }
+}
+
 // Round to nearest even, saturate to the format's max, NaN stays NaN.
 __device__ __forceinline__ uint8_t ToFp8(float v, bool e5m2) {
   return static_cast<uint8_t>(e5m2 ? __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E5M2)
                                    : __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Two values to FP8 as ToFp8 does (the same instruction): lo in the low byte, hi in the high one.
+template <bool kE5M2>
+__device__ __forceinline__ uint32_t Fp8x2(float lo, float hi) {
+  uint16_t r;
+  if constexpr (kE5M2) asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// q of V values y * inv, stored as one access of V bytes.
+template <int V, bool kE5M2>
+__device__ __forceinline__ void StoreFp8(const float (&y)[V], float inv, uint8_t* q) {
+  if constexpr (V == 1) {
+    *q = static_cast<uint8_t>(Fp8x2<kE5M2>(__fmul_rn(y[0], inv), 0.0f));
+  } else {
+    static_assert(V == 2 || V == 4 || V == 8 || V == 16, "chunk of 1, 2, 4, 8 or 16 values");
+    uint32_t w[(V + 3) / 4];
+#pragma unroll
+    for (int i = 0; i < V / 2; ++i) {
+      const uint32_t pair = Fp8x2<kE5M2>(__fmul_rn(y[2 * i], inv), __fmul_rn(y[2 * i + 1], inv));
+      w[i / 2] = i % 2 == 0 ? pair : (w[i / 2] | (pair << 16));
+    }
+    if constexpr (V == 2) *reinterpret_cast<uint16_t*>(q) = static_cast<uint16_t>(w[0]);
+    else if constexpr (V == 4) *reinterpret_cast<uint32_t*>(q) = w[0];
+    else if constexpr (V == 8) *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint4*>(q) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
 }
 
 // Pass of a launch: kOne does everything (per-row or given scale); per-tensor current scaling
@@ -179,6 +306,61 @@ __device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, 
       for (int k = 0; k < V; ++k) out.v[k] = ToFp8(__fmul_rn(v[k], inv), o.e5m2);
       qr[TPR * j] = out;
     }
+  }
+}
+
+// FinishRow for a row whose float32 values the thread already holds (y[j] is chunk t + TPR * j,
+// present when that is < chunks): writes y (if asked), finds the scale and quantizes, in one sweep
+// over registers each. `slot` is this row's slot for RowMaxAt (see there). In kAmax, only
+// accumulates the row's |y| into amax_acc.
+template <typename T, int V, int N, int TPR>
+__device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row, int t, int chunks, int64_t cols,
+                                            const OutArgs& o, float* slot, uint32_t& amax_acc) {
+  if (o.y != nullptr && o.pass != Pass::kQuant) {
+    T* yr = static_cast<T*>(o.y) + row * cols + t * V;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      if (t + TPR * j < chunks) {
+        Packed<T, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) out.Set(k, y[j][k]);
+        out.Store(yr + TPR * V * j);
+      }
+    }
+  }
+  float inv;
+  if (o.scale_in == nullptr && o.pass != Pass::kQuant) {  // current scaling
+    uint32_t m = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (t + TPR * j < chunks)
+#pragma unroll
+        for (int k = 0; k < V; ++k) m = max(m, AbsBits(y[j][k]));
+    if (o.pass == Pass::kAmax) {
+      amax_acc = max(amax_acc, m);
+      return;
+    }
+    m = RowMaxAt<TPR>(m, slot);
+    const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, o.fmax);
+    if (t == 0) {
+      o.scale_out[row] = scale;
+      o.amax_out[row] = amax;
+    }
+    inv = __frcp_rn(scale);
+  } else if (o.scale_in != nullptr) {
+    inv = __frcp_rn(o.scale_in[DivRows(row, o.scale_group)]);
+  } else {  // kQuant: the tensor amax is complete
+    inv = __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+  }
+  uint8_t* qr = o.q + row * cols + t * V;
+  if (o.e5m2) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (t + TPR * j < chunks) StoreFp8<V, true>(y[j], inv, qr + TPR * V * j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (t + TPR * j < chunks) StoreFp8<V, false>(y[j], inv, qr + TPR * V * j);
   }
 }
 
