@@ -449,27 +449,43 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   }
 }
 
-// Merges the key splits: one block per output row, one thread per element of the head dim.
+// Merges the key splits: one warp per output row.
 template <typename T, int D>
-__global__ void __launch_bounds__(D) CombineKernel(Params p, AttentionForwardOut out, const float* partial,
-                                                   int splits) {
-  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq, row = blockIdx.x;
+__global__ void __launch_bounds__(kThreads) CombineKernel(Params p, AttentionForwardOut out, const float* partial,
+                                                          int splits) {
+  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
+  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows_total) return;
   const float* po = partial;
   const float* pm = partial + splits * rows_total * D;
   const float* pl = pm + splits * rows_total;
-  float mx = -INFINITY;
-  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, pm[s * rows_total + row]);
-  float sum = 0.0f, acc = 0.0f;
-#pragma unroll 8
-  for (int s = 0; s < splits; ++s) {  // an empty split has l = 0 and a zero partial output
-    const float l = pl[s * rows_total + row];
-    const float w = l > 0.0f ? l * exp2f(pm[s * rows_total + row] - mx) : 0.0f;
-    sum += w;
-    acc += w * po[(s * rows_total + row) * D + threadIdx.x];
+  const float ms = lane < splits ? pm[lane * rows_total + row] : -INFINITY;
+  const float ls = lane < splits ? pl[lane * rows_total + row] : 0.0f;
+  float mx = ms;
+  for (int off = 16; off; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  const float w = ls > 0.0f ? ls * exp2f(ms - mx) : 0.0f;
+  float sum = w;
+  for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  constexpr int kPerLane = D / 32;
+  float acc[kPerLane] = {};
+#pragma unroll 4
+  for (int s = 0; s < splits; ++s) {  // an empty split has w = 0 and a zero partial output
+    const float ws = __shfl_sync(0xffffffffu, w, s);
+    const float* src = po + (s * rows_total + row) * D + lane * kPerLane;
+#pragma unroll
+    for (int i = 0; i < kPerLane; i += 2) {
+      const float2 v = *reinterpret_cast<const float2*>(src + i);
+      acc[i] += ws * v.x, acc[i + 1] += ws * v.y;
+    }
   }
-  const float v = sum > 0.0f ? acc / sum : 0.0f;
-  static_cast<T*>(out.o)[row * D + threadIdx.x] = static_cast<T>(v);
-  if (threadIdx.x == 0) {
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  T* dst = static_cast<T*>(out.o) + row * D + lane * kPerLane;
+#pragma unroll
+  for (int i = 0; i < kPerLane; i += 2) {
+    *reinterpret_cast<uint32_t*>(dst + i) = Elem<T>::Pack(acc[i] * inv, acc[i + 1] * inv);
+  }
+  if (lane == 0) {
     const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
     out.lse[(b * p.hq + head) * p.tq + t] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
   }
@@ -840,7 +856,7 @@ cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, void
                                          : LaunchForward<T, D, 128>(p, out, partial, splits, per_split, stream);
     if (e != cudaSuccess) return e;
     const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
-    CombineKernel<T, D><<<unsigned(rows_total), D, 0, stream>>>(p, out, partial, splits);
+    CombineKernel<T, D><<<unsigned((rows_total + 7) / 8), kThreads, 0, stream>>>(p, out, partial, splits);
   }
   return cudaGetLastError();
 }
