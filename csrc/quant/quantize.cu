@@ -7,32 +7,21 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/fp8_rows.cuh"
 #include "quant/quantize.h"
 
 namespace fr::cuda {
 namespace {
 
+using rows::AbsBits;  // shared with the fused producers
+using rows::ScaleFromAmax;
+using rows::ToFloat;
+
 constexpr int kThreads = 256;
-
-template <typename T>
-__device__ __forceinline__ float ToFloat(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-
-// |v| as ordered bits: for non-negative floats the unsigned order is the float order, and every NaN
-// pattern sorts above inf, so an integer max propagates NaN.
-__device__ __forceinline__ uint32_t AbsBits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
 
 template <__nv_fp8_interpretation_t kFormat>
 __device__ __forceinline__ uint8_t ToFp8(float v) {  // round to nearest even, saturate, NaN stays NaN
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, kFormat));
-}
-
-__device__ __forceinline__ float ScaleFromAmax(float amax, float fmax) {
-  float floored = amax > kAmaxFloor ? amax : (isnan(amax) ? amax : kAmaxFloor);
-  return __fdiv_rn(floored, fmax);
 }
 
 template <typename T>
