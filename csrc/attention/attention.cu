@@ -1,5 +1,5 @@
-// Flash attention on Hopper with warp-level bf16/f16 tensor-core MMAs (mma.sync m16n8k16), fp32
-// softmax and accumulation, never materialising the (Tq, Tk) logits.
+// Flash attention on Hopper (sm_90a) with bf16/f16 tensor-core MMAs, fp32 softmax and accumulation,
+// never materialising the (Tq, Tk) logits.
 //
 // Rows: the query heads that share a KV head are folded into the rows of one tile (row = query
 // position * group + head in group), so each K/V tile is read once for all of them (MQA / GQA).
@@ -8,11 +8,13 @@
 // tiles it sees at all, and marks those it sees in full, so masked-out tiles cost nothing and full
 // tiles skip the per-element test.
 //
-// Forward: one CTA per (128 folded rows, batch, KV head[, key split]); K/V tiles double-buffered
-// through cp.async. Few query rows (decode) split the keys over CTAs and a second kernel merges.
-// Backward (deterministic, no atomics): a preprocess kernel (rowsum(dO * O), lse in log2 units),
-// one kernel per key tile for dK / dV looping over the query tiles (all heads of the group, so a
-// shared KV head accumulates without races), and one kernel per query tile for dQ.
+// Forward: one CTA per (128 folded rows, batch, KV head[, key split]), a warpgroup per 64 rows with
+// warpgroup MMAs (wgmma) from 128-byte-swizzled shared memory; K/V tiles double-buffered through
+// cp.async, Q K^T of one tile issued together with P V of the previous one so the softmax overlaps
+// the tensor cores. Few query rows (decode) split the keys over CTAs and a second kernel merges.
+// Backward (deterministic, no atomics; warp-level mma.sync): a preprocess kernel (rowsum(dO * O),
+// lse in log2 units), one kernel per key tile for dK / dV looping over the query tiles (all heads of
+// the group, so a shared KV head accumulates without races), and one kernel per query tile for dQ.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -59,10 +61,66 @@ __device__ __forceinline__ void LdmatrixTrans(uint32_t (&r)[4], uint32_t addr) {
                : "r"(addr));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Warpgroup MMAs (sm_90a): a warpgroup of 4 warps computes a 64 x 64 tile d (+)= A B with k = 16,
+// fp32 accumulators. d[nt][i] holds, like mma.sync's C fragment per warp, row 16 * (warp % 4) +
+// lane / 4 + 8 * (i / 2), column 8 * nt + 2 * (lane % 4) + i % 2.
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled operand (Tile layout): start address,
+// leading byte offset (MN-major: bytes between 64-column regions), stride byte offset (8 rows).
+__device__ __forceinline__ uint64_t GmmaDesc(uint32_t addr, uint32_t lead, uint32_t stride) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | uint64_t(lead >> 4) << 16 | uint64_t(stride >> 4) << 32 |
+         uint64_t(1) << 62;
+}
+
+__device__ __forceinline__ void GmmaFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void GmmaCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void GmmaWait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses to d across the asynchronous MMAs that write it.
+template <int N>
+__device__ __forceinline__ void GmmaFenceOperands(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
+}
+
+// The 32 accumulators of a m64n64 wgmma: operands %0..%31.
+#define FR_GMMA_D4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
+#define FR_GMMA_D                                                                                        \
+  FR_GMMA_D4(0), FR_GMMA_D4(1), FR_GMMA_D4(2), FR_GMMA_D4(3), FR_GMMA_D4(4), FR_GMMA_D4(5), FR_GMMA_D4(6), \
+      FR_GMMA_D4(7)
+#define FR_GMMA_D_LIST                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// GmmaSS: d (+)= A B with A (64 x 16) and B (16 x 64) K-major in shared memory; scale_d = 0 ignores d.
+// GmmaRS: d += A B with A (64 x 16) in registers (each warp's 16 rows in mma.sync's A-fragment
+// layout) and B (16 x 64) MN-major in shared memory.
+#define FR_GMMA(TYPE)                                                                                   \
+  static __device__ __forceinline__ void GmmaSS(float (&d)[8][4], uint64_t a, uint64_t b, int scale_d) { \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                           \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FR_GMMA_D_LIST         \
+                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                      \
+                 : FR_GMMA_D                                                                            \
+                 : "l"(a), "l"(b), "r"(scale_d));                                                       \
+  }                                                                                                     \
+  static __device__ __forceinline__ void GmmaRS(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                             \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FR_GMMA_D_LIST         \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
+                 : FR_GMMA_D                                                                            \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                 \
+  }
+
 template <typename T>
 struct Elem;
 template <>
 struct Elem<__nv_bfloat16> {
+  FR_GMMA("bf16")
   static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -80,6 +138,7 @@ struct Elem<__nv_bfloat16> {
 };
 template <>
 struct Elem<__half> {
+  FR_GMMA("f16")
   static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -96,13 +155,15 @@ struct Elem<__half> {
   }
 };
 
-// A shared-memory tile of 16-bit elements, rows of `chunks` 16-byte chunks, XOR-swizzled so that the
-// 8 rows an ldmatrix reads at one column hit 8 different bank groups.
+// A shared-memory tile of 16-bit elements in the layout wgmma reads with 128-byte swizzling (also
+// used by the ldmatrix paths): 64-column regions of rows x 128 bytes, one after the other, the
+// 16-byte chunk index XORed with row % 8, so the 8 rows an ldmatrix reads at one column hit 8
+// different bank groups. wgmma needs the regions 1024-byte aligned.
 struct Tile {
   char* base;
-  int chunks;
+  int rows;
   __device__ __forceinline__ char* At(int row, int chunk) const {
-    return base + (row * chunks + (chunk ^ (row & 7))) * 16;
+    return base + ((chunk / 8) * rows + row) * 128 + ((chunk % 8) ^ (row & 7)) * 16;
   }
   __device__ __forceinline__ uint32_t Addr(int row, int chunk) const { return SmemAddr(At(row, chunk)); }
   // Stores two adjacent elements (col even) packed in one 32-bit word.
@@ -189,34 +250,49 @@ __device__ __forceinline__ const char* KeyRow(const Params& p, const char* src1,
 }
 
 // Loads rows [row0, row0 + nrows) of a (batch, tq, hq, D) array for folded rows of KV head h into
-// `dst`, zero-filling rows past the end.
+// `dst`, zero-filling rows past the end. Each thread keeps one 16-byte column chunk (blockDim.x is a
+// multiple of D / 8), so the row arithmetic is 32-bit and per row, not per chunk.
 template <int D>
 __device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, const Tile& dst, int b, int h,
                                               int64_t row0, int nrows) {
   constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < nrows * kChunks; i += blockDim.x) {
-    const int r = i / kChunks, c = i % kChunks;
-    const int64_t row = row0 + r, t = row / p.group;
+  const int c = threadIdx.x % kChunks, step = blockDim.x / kChunks;
+  for (int r = threadIdx.x / kChunks; r < nrows; r += step) {
+    const int row = int(row0) + r, t = row / p.group;
     const bool ok = t < p.tq;
     const char* g = ok ? src + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group) + c * 8) * 2 : src;
     CpAsync16(dst.Addr(r, c), g, ok);
   }
 }
 
-// Loads the K (and V) rows of key tile `tile` and the keys' effective blocks.
+// Loads the K or V rows of key tile `tile` (src1 / src2: the two key sources) into `dst`,
+// zero-filling rows past the end. A tile inside the first source walks it with a fixed stride.
+template <int D>
+__device__ __forceinline__ void LoadKeyRows(const Params& p, const char* src1, const char* src2, const Tile& dst,
+                                            int b, int h, int tile) {
+  constexpr int kChunks = D / 8;
+  const int c = threadIdx.x % kChunks, step = blockDim.x / kChunks;
+  const int64_t j0 = int64_t(tile) * kKeysPerTile;
+  if (j0 + kKeysPerTile <= p.tk1) {
+    int r = threadIdx.x / kChunks;
+    const char* g = src1 + RowOffset<D>(b, j0 + r, p.tk1, p.hkv, h) * 2 + c * 16;
+    const int64_t stride = int64_t(step) * p.hkv * D * 2;
+    for (; r < kKeysPerTile; r += step, g += stride) CpAsync16(dst.Addr(r, c), g, true);
+    return;
+  }
+  for (int r = threadIdx.x / kChunks; r < kKeysPerTile; r += step) {
+    const char* g = KeyRow<D>(p, src1, src2, b, h, j0 + r);
+    CpAsync16(dst.Addr(r, c), g ? g + c * 16 : src1, g != nullptr);
+  }
+}
+
+// Loads the K and V rows of key tile `tile` and the keys' effective blocks.
 template <int D>
 __device__ __forceinline__ void LoadKeyTile(const Params& p, const Tile& k, const Tile& v, int* eff, int b, int h,
                                             int tile) {
-  constexpr int kChunks = D / 8;
-  const int64_t j0 = int64_t(tile) * kKeysPerTile;
-  for (int i = threadIdx.x; i < kKeysPerTile * kChunks; i += blockDim.x) {
-    const int r = i / kChunks, c = i % kChunks;
-    const char* kr = KeyRow<D>(p, p.k, p.k2, b, h, j0 + r);
-    const char* vr = KeyRow<D>(p, p.v, p.v2, b, h, j0 + r);
-    CpAsync16(k.Addr(r, c), kr ? kr + c * 16 : p.k, kr != nullptr);
-    CpAsync16(v.Addr(r, c), vr ? vr + c * 16 : p.v, vr != nullptr);
-  }
-  if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, j0 + threadIdx.x);
+  LoadKeyRows<D>(p, p.k, p.k2, k, b, h, tile);
+  LoadKeyRows<D>(p, p.v, p.v2, v, b, h, tile);
+  if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile) * kKeysPerTile + threadIdx.x);
 }
 
 // Lists the key tiles in [begin, end) that any query with block in [qmin, qmax] sees, flagging
@@ -268,18 +344,19 @@ __device__ void QueryBlockRange(const Params& p, int b, int64_t row0, int nrows,
 // that they still spread over many CTAs.
 template <int D, int kFwdRows>
 constexpr int FwdSmemBytes() {
-  return (kFwdRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 16;
+  return 1024 + (kFwdRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 16;  // 1024: alignment
 }
 
 template <typename T, int D, int kFwdRows>
 __global__ void __launch_bounds__(kFwdRows * 2, 1)
     ForwardKernel(Params p, AttentionForwardOut out, float* partial, int tiles_per_split) {
   constexpr int kChunks = D / 8, kDTiles = D / 8;
-  extern __shared__ __align__(128) char smem[];
-  const Tile sq{smem, kChunks};
+  extern __shared__ __align__(128) char smem_raw[];
+  char* smem = smem_raw + ((1024 - SmemAddr(smem_raw) % 1024) % 1024);  // wgmma's swizzle atoms
+  const Tile sq{smem, kFwdRows};
   // Stage st of the double-buffered K and V tiles (computed, not indexed, to stay in registers).
-  auto sk = [&](int st) { return Tile{smem + (kFwdRows + st * kKeysPerTile) * D * 2, kChunks}; };
-  auto sv = [&](int st) { return Tile{smem + (kFwdRows + (2 + st) * kKeysPerTile) * D * 2, kChunks}; };
+  auto sk = [&](int st) { return Tile{smem + (kFwdRows + st * kKeysPerTile) * D * 2, kKeysPerTile}; };
+  auto sv = [&](int st) { return Tile{smem + (kFwdRows + (2 + st) * kKeysPerTile) * D * 2, kKeysPerTile}; };
   int* eff = reinterpret_cast<int*>(smem + (kFwdRows + 4 * kKeysPerTile) * D * 2);  // [2][64]
   int* red = eff + 2 * kKeysPerTile;                                                 // 4 ints
   const int n_tiles_total = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
@@ -288,7 +365,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
 
   const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv, split = blockIdx.z;
   const int64_t row0 = int64_t(blockIdx.x) * kFwdRows;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
   LoadQueryRows<D>(p, p.q, sq, b, h, row0, kFwdRows);
   CpAsyncCommit();
@@ -311,25 +388,61 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   float o[kDTiles][4];
   Zero(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  uint32_t pa[4][4];  // P of the previous tile as the A operand of O += P V
 
-  if (n > 0) LoadKeyTile<D>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
+  // Software pipeline, per iteration `it`: S_it = Q K_it and O += P_{it-1} V_{it-1} go to the tensor
+  // cores together; the softmax of S_it runs while the second is still in flight; then O is rescaled.
+  // K_it and V_{it-1} were loaded during the previous iteration (stage it % 2 and (it - 1) % 2 of
+  // each); K_{it+1} and V_it load during this one, into stages whose previous tiles are done.
+  auto v_desc = [&](int kk, int nc, int st) {
+    return GmmaDesc(sv(st).Addr(16 * kk, 8 * nc), kKeysPerTile * 128, 1024);
+  };
+  auto tile_of = [&](int i) { return list[i] & ~kFullTile; };
+  if (n > 0) {
+    LoadKeyRows<D>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
+    if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile_of(0)) * kKeysPerTile + threadIdx.x);
+  }
   CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
-    if (it + 1 < n) {
-      LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
+    CpAsyncWait<0>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async data -> wgmma reads
     __syncthreads();
+    if (it + 1 < n) {
+      LoadKeyRows<D>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
+      if (threadIdx.x < kKeysPerTile)
+        eff[(st ^ 1) * kKeysPerTile + threadIdx.x] = KeyEff(p, b, int64_t(tile_of(it + 1)) * kKeysPerTile + threadIdx.x);
+    }
+    LoadKeyRows<D>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
+    CpAsyncCommit();
 
+    // S = Q K^T for this warpgroup's 64 rows: K-major Q and K, 16 columns of D per step. Rows 64 * wg
+    // and K row 0 are multiples of 8, where Addr adds no swizzle.
     float s[8][4];
     Zero(s);
-    WarpMma<T, 8, D / 16, false, false>(s, sq, 16 * warp, sk(st), 0);
+    GmmaFenceOperands(o);
+    GmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Elem<T>::GmmaSS(s, GmmaDesc(sq.Addr(64 * wg, 2 * kk), 16, 1024), GmmaDesc(sk(st).Addr(0, 2 * kk), 16, 1024),
+                      kk);
+    }
+    GmmaCommit();
+    if (it > 0) {
+      // O += P V of the previous tile: V MN-major, 16 keys x 64 columns of D per MMA.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int nc = 0; nc < D / 64; ++nc)
+          Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk], v_desc(kk, nc, st ^ 1));
+      GmmaCommit();
+      GmmaWait<1>();
+    } else {
+      GmmaWait<0>();
+    }
+    GmmaFenceOperands(s);
 
-    // Logits in log2 units; branches stay outside the element loops so the MMAs around them can overlap.
+    // Logits in log2 units; branches stay outside the element loops.
     if (p.softcap > 0.0f) {
       const float pre = p.softmax_scale / p.softcap, post = p.softcap * kLog2e;
 #pragma unroll
@@ -366,10 +479,6 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
       l[i] *= alpha[i];
     }
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      o[dt][0] *= alpha[0], o[dt][1] *= alpha[0], o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
-    }
-#pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -377,24 +486,35 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
         l[i / 2] += s[nt][i];
       }
     }
-    // O += P V, P straight from the S accumulators (their layout is the A operand's).
+    GmmaWait<0>();  // the previous tile's P V: O and pa are free again
+    GmmaFenceOperands(o);
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) {
+      o[dt][0] *= alpha[0], o[dt][1] *= alpha[0], o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
+    }
+    // P straight from the S accumulators: their layout is the A operand's.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t a[4] = {Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]), Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]),
-                             Elem<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const int mi = lane / 8;
-#pragma unroll
-      for (int np = 0; np < kDTiles / 2; ++np) {
-        uint32_t bf[4];
-        LdmatrixTrans(bf, sv(st).Addr(16 * kk + (mi % 2) * 8 + lane % 8, 2 * np + mi / 2));
-        Elem<T>::Mma(o[2 * np], a, bf[0], bf[1]);
-        Elem<T>::Mma(o[2 * np + 1], a, bf[2], bf[3]);
-      }
+      pa[kk][0] = Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]), pa[kk][1] = Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = Elem<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
-    __syncthreads();  // this stage is refilled in the next iteration
   }
   CpAsyncWait<0>();
+  if (n > 0) {  // the last tile's P V
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+    GmmaFenceOperands(o);
+    GmmaFence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int nc = 0; nc < D / 64; ++nc)
+        Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk], v_desc(kk, nc, (n - 1) & 1));
+    GmmaCommit();
+    GmmaWait<0>();
+    GmmaFenceOperands(o);
+  }
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -598,17 +718,17 @@ constexpr int BwdKVSmemBytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     BackwardKVKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
-  constexpr int kChunks = D / 8, kHalfTiles = D / 16;  // n tiles of 8 in half of D
+  constexpr int kHalfTiles = D / 16;  // n tiles of 8 in half of D
   extern __shared__ __align__(128) char smem[];
   char* ptr = smem;
   auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
-  const Tile sk{take(kKeysPerTile * D * 2), kChunks}, sv{take(kKeysPerTile * D * 2), kChunks};
+  const Tile sk{take(kKeysPerTile * D * 2), kKeysPerTile}, sv{take(kKeysPerTile * D * 2), kKeysPerTile};
   char* q_stages = take(2 * kBwdRows * D * 2);
   char* do_stages = take(2 * kBwdRows * D * 2);
-  auto sq = [&](int st) { return Tile{q_stages + st * kBwdRows * D * 2, kChunks}; };
-  auto sdo = [&](int st) { return Tile{do_stages + st * kBwdRows * D * 2, kChunks}; };
-  const Tile sp{take(kBwdRows * kKeysPerTile * 2), kKeysPerTile / 8};
-  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kKeysPerTile / 8};
+  auto sq = [&](int st) { return Tile{q_stages + st * kBwdRows * D * 2, kBwdRows}; };
+  auto sdo = [&](int st) { return Tile{do_stages + st * kBwdRows * D * 2, kBwdRows}; };
+  const Tile sp{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
+  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
   int* eff = reinterpret_cast<int*>(take(kKeysPerTile * 4));
   char* row_info = take(2 * 3 * kBwdRows * 4);
   auto ri = [&](int st) {
@@ -729,16 +849,16 @@ constexpr int BwdQSmemBytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     BackwardQKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
-  constexpr int kChunks = D / 8, kHalfTiles = D / 16;
+  constexpr int kHalfTiles = D / 16;
   extern __shared__ __align__(128) char smem[];
   char* ptr = smem;
   auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
-  const Tile sq{take(kBwdRows * D * 2), kChunks}, sdo{take(kBwdRows * D * 2), kChunks};
+  const Tile sq{take(kBwdRows * D * 2), kBwdRows}, sdo{take(kBwdRows * D * 2), kBwdRows};
   char* k_stages = take(2 * kKeysPerTile * D * 2);
   char* v_stages = take(2 * kKeysPerTile * D * 2);
-  auto sk = [&](int st) { return Tile{k_stages + st * kKeysPerTile * D * 2, kChunks}; };
-  auto sv = [&](int st) { return Tile{v_stages + st * kKeysPerTile * D * 2, kChunks}; };
-  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kKeysPerTile / 8};
+  auto sk = [&](int st) { return Tile{k_stages + st * kKeysPerTile * D * 2, kKeysPerTile}; };
+  auto sv = [&](int st) { return Tile{v_stages + st * kKeysPerTile * D * 2, kKeysPerTile}; };
+  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
   int* eff = reinterpret_cast<int*>(take(2 * kKeysPerTile * 4));
   RowInfo ri{reinterpret_cast<float*>(take(kBwdRows * 4)), reinterpret_cast<float*>(take(kBwdRows * 4)),
              reinterpret_cast<int*>(take(kBwdRows * 4))};
