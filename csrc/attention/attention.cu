@@ -12,7 +12,7 @@
 // warpgroup MMAs (wgmma) from 128-byte-swizzled shared memory; K/V tiles double-buffered through
 // cp.async, Q K^T of one tile issued together with P V of the previous one so the softmax overlaps
 // the tensor cores. Few query rows (decode) split the keys over CTAs and a second kernel merges.
-// Backward (deterministic, no atomics; warp-level mma.sync): a preprocess kernel (rowsum(dO * O),
+// Backward (deterministic, no atomics; wgmma as well): a preprocess kernel (rowsum(dO * O),
 // lse in log2 units), one kernel per key tile for dK / dV looping over the query tiles (all heads of
 // the group, so a shared KV head accumulates without races), and one kernel per query tile for dQ.
 #include <cuda_bf16.h>
@@ -50,17 +50,6 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void Ldmatrix(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void LdmatrixTrans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
 // ---------------------------------------------------------------------------------------------
 // Warpgroup MMAs (sm_90a): a warpgroup of 4 warps computes a 64 x 64 tile d (+)= A B with k = 16,
 // fp32 accumulators. d[nt][i] holds, like mma.sync's C fragment per warp, row 16 * (warp % 4) +
@@ -88,32 +77,49 @@ __device__ __forceinline__ void GmmaFenceOperands(float (&d)[N][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
 }
 
-// The 32 accumulators of a m64n64 wgmma: operands %0..%31.
+// Accumulator operand lists of m64nNk16 wgmmas (N / 2 fp32 registers per thread).
 #define FR_GMMA_D4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
-#define FR_GMMA_D                                                                                        \
-  FR_GMMA_D4(0), FR_GMMA_D4(1), FR_GMMA_D4(2), FR_GMMA_D4(3), FR_GMMA_D4(4), FR_GMMA_D4(5), FR_GMMA_D4(6), \
-      FR_GMMA_D4(7)
-#define FR_GMMA_D_LIST                                                                \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
-  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FR_GMMA_D32 FR_GMMA_D4(0), FR_GMMA_D4(1), FR_GMMA_D4(2), FR_GMMA_D4(3)
+#define FR_GMMA_D64 FR_GMMA_D32, FR_GMMA_D4(4), FR_GMMA_D4(5), FR_GMMA_D4(6), FR_GMMA_D4(7)
+#define FR_GMMA_D128                                                                                    \
+  FR_GMMA_D64, FR_GMMA_D4(8), FR_GMMA_D4(9), FR_GMMA_D4(10), FR_GMMA_D4(11), FR_GMMA_D4(12), FR_GMMA_D4(13), \
+      FR_GMMA_D4(14), FR_GMMA_D4(15)
+#define FR_GMMA_L32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FR_GMMA_L64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FR_GMMA_L128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "  \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "  \
+  "%60, %61, %62, %63}"
 
-// GmmaSS: d (+)= A B with A (64 x 16) and B (16 x 64) K-major in shared memory; scale_d = 0 ignores d.
-// GmmaRS: d += A B with A (64 x 16) in registers (each warp's 16 rows in mma.sync's A-fragment
-// layout) and B (16 x 64) MN-major in shared memory.
-#define FR_GMMA(TYPE)                                                                                   \
-  static __device__ __forceinline__ void GmmaSS(float (&d)[8][4], uint64_t a, uint64_t b, int scale_d) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                           \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FR_GMMA_D_LIST         \
-                 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                      \
-                 : FR_GMMA_D                                                                            \
-                 : "l"(a), "l"(b), "r"(scale_d));                                                       \
-  }                                                                                                     \
-  static __device__ __forceinline__ void GmmaRS(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {  \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                             \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FR_GMMA_D_LIST         \
-                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
-                 : FR_GMMA_D                                                                            \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                 \
+// d (+)= A B, A (64 x 16) and B (16 x N) in shared memory; kTA / kTB: A M-major / B N-major instead
+// of K-major; scale_d = 0 ignores d. The operand numbers follow the N / 2 accumulators.
+#define FR_GMMA_SS_ASM(TYPE, N, A, B, SCALE, TA, TB)                                                     \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                         \
+               "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " " FR_GMMA_L##N ", " A ", " B \
+               ", p, 1, 1, " TA ", " TB ";\n}\n"                                                          \
+               : FR_GMMA_D##N                                                                             \
+               : "l"(a), "l"(b), "r"(scale_d), "n"(kTA), "n"(kTB))
+// d += A B with A (64 x 16) in registers (each warp's 16 rows in mma.sync's A-fragment layout) and
+// B (16 x 64) N-major in shared memory.
+#define FR_GMMA(TYPE)                                                                                    \
+  template <int N, int kTA, int kTB>                                                                     \
+  static __device__ __forceinline__ void GmmaSS(float (&d)[N / 8][4], uint64_t a, uint64_t b, int scale_d) { \
+    if constexpr (N == 32) {                                                                             \
+      FR_GMMA_SS_ASM(TYPE, 32, "%16", "%17", "%18", "%19", "%20");                                       \
+    } else if constexpr (N == 64) {                                                                      \
+      FR_GMMA_SS_ASM(TYPE, 64, "%32", "%33", "%34", "%35", "%36");                                       \
+    } else {                                                                                             \
+      static_assert(N == 128, "wgmma N: 32, 64 or 128");                                                 \
+      FR_GMMA_SS_ASM(TYPE, 128, "%64", "%65", "%66", "%67", "%68");                                      \
+    }                                                                                                    \
+  }                                                                                                      \
+  static __device__ __forceinline__ void GmmaRS(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b) {   \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " FR_GMMA_L64             \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                         \
+                 : FR_GMMA_D64                                                                           \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));                                  \
   }
 
 template <typename T>
@@ -128,13 +134,6 @@ struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float2 Unpack(uint32_t u) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&u));
   }
-  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 };
 template <>
 struct Elem<__half> {
@@ -146,19 +145,11 @@ struct Elem<__half> {
   static __device__ __forceinline__ float2 Unpack(uint32_t u) {
     return __half22float2(*reinterpret_cast<__half2*>(&u));
   }
-  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
 };
 
-// A shared-memory tile of 16-bit elements in the layout wgmma reads with 128-byte swizzling (also
-// used by the ldmatrix paths): 64-column regions of rows x 128 bytes, one after the other, the
-// 16-byte chunk index XORed with row % 8, so the 8 rows an ldmatrix reads at one column hit 8
-// different bank groups. wgmma needs the regions 1024-byte aligned.
+// A shared-memory tile of 16-bit elements in the layout wgmma reads with 128-byte swizzling:
+// 64-column regions of rows x 128 bytes, one after the other, the 16-byte chunk index XORed with
+// row % 8 (no bank conflicts for the 16-byte stores either). The regions must be 1024-byte aligned.
 struct Tile {
   char* base;
   int rows;
@@ -172,40 +163,42 @@ struct Tile {
   }
 };
 
-// acc[NT][4] += A (16 x 16*ksteps, rows m0..) * B (16*ksteps x 8*NT, cols n0..) for one warp.
-// A is stored [m][k] (or [k][m] when kATrans); B is stored [n][k] (or [k][n] when kBTrans).
-template <typename T, int NT, int KSTEPS, bool kATrans, bool kBTrans>
-__device__ __forceinline__ void WarpMma(float (&acc)[NT][4], const Tile& a, int m0, const Tile& b, int n0) {
-  static_assert(NT % 2 == 0, "n tiles come in pairs");
-  const int lane = threadIdx.x % 32, mi = lane / 8;
-#pragma unroll
-  for (int kk = 0; kk < KSTEPS; ++kk) {
-    uint32_t af[4];
-    if (kATrans) {
-      LdmatrixTrans(af, a.Addr(16 * kk + (lane / 16) * 8 + lane % 8, m0 / 8 + mi % 2));
-    } else {
-      Ldmatrix(af, a.Addr(m0 + lane % 16, 2 * kk + lane / 16));
-    }
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      const int n = n0 + 16 * np;
-      uint32_t bf[4];
-      if (kBTrans) {
-        LdmatrixTrans(bf, b.Addr(16 * kk + (mi % 2) * 8 + lane % 8, n / 8 + mi / 2));
-      } else {
-        Ldmatrix(bf, b.Addr(n + (mi / 2) * 8 + lane % 8, 2 * kk + mi % 2));
-      }
-      Elem<T>::Mma(acc[2 * np], af, bf[0], bf[1]);
-      Elem<T>::Mma(acc[2 * np + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
 template <int N>
 __device__ __forceinline__ void Zero(float (&acc)[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
 }
+
+// Issues acc (+)= A B for one warpgroup (no fence, commit or wait): A is rows 0..63 of `a` (with
+// kATrans: its columns 0..63, `a` stored [k][m]), B is columns n0.. of `b` stored [n][k] (with
+// kBTrans: [k][n]), N = 8 * NT, and the reduction runs over k0 .. k0 + 16 * KSTEPS.
+template <typename T, int NT, int KSTEPS, bool kATrans, bool kBTrans>
+__device__ __forceinline__ void GroupMmaIssue(float (&acc)[NT][4], const Tile& a, const Tile& b, int n0, int k0 = 0) {
+  constexpr int kN = NT * 8 > 128 ? 128 : NT * 8;  // columns per instruction
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+    const int k = k0 + 16 * kk;
+    const uint64_t da = kATrans ? GmmaDesc(a.Addr(k, 0), a.rows * 128, 1024) : GmmaDesc(a.Addr(0, k / 8), 16, 1024);
+#pragma unroll
+    for (int nc = 0; nc < NT * 8 / kN; ++nc) {
+      const int n = n0 + nc * kN;
+      const uint64_t db =
+          kBTrans ? GmmaDesc(b.Addr(k, n / 8), b.rows * 128, 1024) : GmmaDesc(b.Addr(n, k / 8), 16, 1024);
+      Elem<T>::template GmmaSS<kN, kATrans, kBTrans>(*reinterpret_cast<float(*)[kN / 8][4]>(&acc[nc * kN / 8]), da,
+                                                     db, 1);
+    }
+  }
+}
+
+// Waits for the warpgroup's MMAs and fences their accumulators.
+template <int N, int M>
+__device__ __forceinline__ void GroupMmaWait(float (&a)[N][4], float (&b)[M][4]) {
+  GmmaWait<0>();
+  GmmaFenceOperands(a);
+  GmmaFenceOperands(b);
+}
+
+__device__ __forceinline__ void FenceAsyncProxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // ---------------------------------------------------------------------------------------------
 // Problem description shared by the kernels
@@ -406,7 +399,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
     CpAsyncWait<0>();
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // cp.async data -> wgmma reads
+    FenceAsyncProxy();  // cp.async data -> wgmma reads
     __syncthreads();
     if (it + 1 < n) {
       LoadKeyRows<D>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
@@ -424,8 +417,8 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     GmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      Elem<T>::GmmaSS(s, GmmaDesc(sq.Addr(64 * wg, 2 * kk), 16, 1024), GmmaDesc(sk(st).Addr(0, 2 * kk), 16, 1024),
-                      kk);
+      Elem<T>::template GmmaSS<64, 0, 0>(s, GmmaDesc(sq.Addr(64 * wg, 2 * kk), 16, 1024),
+                                         GmmaDesc(sk(st).Addr(0, 2 * kk), 16, 1024), kk);
     }
     GmmaCommit();
     if (it > 0) {
@@ -502,7 +495,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   }
   CpAsyncWait<0>();
   if (n > 0) {  // the last tile's P V
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    FenceAsyncProxy();
     __syncthreads();
     GmmaFenceOperands(o);
     GmmaFence();
@@ -710,7 +703,7 @@ __device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], c
 
 template <int D>
 constexpr int BwdKVSmemBytes() {
-  return (2 * kKeysPerTile * D + 4 * kBwdRows * D + 2 * kBwdRows * kKeysPerTile) * 2 + kKeysPerTile * 4 +
+  return 1024 + (2 * kKeysPerTile * D + 4 * kBwdRows * D + 2 * kBwdRows * kKeysPerTile) * 2 + kKeysPerTile * 4 +
          2 * 3 * kBwdRows * 4 + 16;
 }
 
@@ -718,9 +711,8 @@ constexpr int BwdKVSmemBytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     BackwardKVKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
-  constexpr int kHalfTiles = D / 16;  // n tiles of 8 in half of D
   extern __shared__ __align__(128) char smem[];
-  char* ptr = smem;
+  char* ptr = smem + ((1024 - SmemAddr(smem) % 1024) % 1024);  // wgmma's swizzle atoms
   auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
   const Tile sk{take(kKeysPerTile * D * 2), kKeysPerTile}, sv{take(kKeysPerTile * D * 2), kKeysPerTile};
   char* q_stages = take(2 * kBwdRows * D * 2);
@@ -742,7 +734,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv, ktile = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp % 4, wn = warp / 4;
+  const int wm = warp % 4, wg = warp / 4;
 
   LoadKeyTile<D>(p, sk, sv, eff, b, h, ktile);
   CpAsyncCommit();
@@ -785,9 +777,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   const int n = red[2];
 
-  float dv[kHalfTiles][4], dk[kHalfTiles][4];
-  Zero(dv);
-  Zero(dk);
+  float acc[D / 8][4];  // warpgroup 0: dV, warpgroup 1: dK (64 keys x D)
+  Zero(acc);
+  // dV = P^T dO and dK = dS^T Q: A is P or dS ([row][key]) read M-major, B is dO or Q, N-major.
+  const Tile acc_a = wg == 0 ? sp : sds;
   auto load_rows = [&](int i, int st) {
     const int64_t r0 = int64_t(list[i] & ~kFullTile) * kBwdRows;
     LoadQueryRows<D>(p, p.q, sq(st), b, h, r0, kBwdRows);
@@ -805,19 +798,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       CpAsyncWait<0>();
     }
+    FenceAsyncProxy();
     __syncthreads();
     {
+      // S = Q K^T and dP = dO V^T for this warpgroup's 32 keys.
       float s[4][4], dp[4][4];
       Zero(s);
       Zero(dp);
-      WarpMma<T, 4, D / 16, false, false>(s, sq(st), 16 * wm, sk, 32 * wn);
-      WarpMma<T, 4, D / 16, false, false>(dp, sdo(st), 16 * wm, sv, 32 * wn);
-      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wn, ri(st), eff, list[it] & kFullTile, &sp, sds);
+      GmmaFence();
+      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq(st), sk, 32 * wg);
+      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo(st), sv, 32 * wg);
+      GmmaCommit();
+      GroupMmaWait(s, dp);
+      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri(st), eff, list[it] & kFullTile, &sp, sds);
     }
+    FenceAsyncProxy();  // P, dS stores -> wgmma reads
     __syncthreads();
-    // dV += P^T dO and dK += dS^T Q: this warp's 16 keys x half of D, reducing over the 64 rows.
-    WarpMma<T, kHalfTiles, kBwdRows / 16, true, true>(dv, sp, 16 * wm, sdo(st), wn * D / 2);
-    WarpMma<T, kHalfTiles, kBwdRows / 16, true, true>(dk, sds, 16 * wm, sq(st), wn * D / 2);
+    GmmaFenceOperands(acc);
+    GmmaFence();
+    const Tile acc_b = wg == 0 ? sdo(st) : sq(st);
+    GroupMmaIssue<T, D / 8, kBwdRows / 16, true, true>(acc, acc_a, acc_b, 0);
+    GmmaCommit();
+    GmmaWait<0>();
+    GmmaFenceOperands(acc);
     __syncthreads();
   }
   CpAsyncWait<0>();
@@ -828,20 +831,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (j >= p.tk) continue;
     const bool first = j < p.tk1;
     const int64_t off = first ? RowOffset<D>(b, j, p.tk1, p.hkv, h) : RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h);
-    T* dkr = static_cast<T*>(first ? g.dk : g.dk2) + off;
-    T* dvr = static_cast<T*>(first ? g.dv : g.dv2) + off;
+    T* dst = static_cast<T*>(wg == 0 ? (first ? g.dv : g.dv2) : (first ? g.dk : g.dk2)) + off;
 #pragma unroll
-    for (int dt = 0; dt < kHalfTiles; ++dt) {
-      const int c = wn * D / 2 + dt * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(dkr + c) = Elem<T>::Pack(dk[dt][2 * i], dk[dt][2 * i + 1]);
-      *reinterpret_cast<uint32_t*>(dvr + c) = Elem<T>::Pack(dv[dt][2 * i], dv[dt][2 * i + 1]);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int c = dt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(dst + c) = Elem<T>::Pack(acc[dt][2 * i], acc[dt][2 * i + 1]);
     }
   }
 }
 
 template <int D>
 constexpr int BwdQSmemBytes() {
-  return (2 * kBwdRows * D + 4 * kKeysPerTile * D + kBwdRows * kKeysPerTile) * 2 + 2 * kKeysPerTile * 4 +
+  return 1024 + (2 * kBwdRows * D + 4 * kKeysPerTile * D + kBwdRows * kKeysPerTile) * 2 + 2 * kKeysPerTile * 4 +
          3 * kBwdRows * 4 + 16;
 }
 
@@ -849,9 +850,8 @@ constexpr int BwdQSmemBytes() {
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
     BackwardQKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
-  constexpr int kHalfTiles = D / 16;
   extern __shared__ __align__(128) char smem[];
-  char* ptr = smem;
+  char* ptr = smem + ((1024 - SmemAddr(smem) % 1024) % 1024);  // wgmma's swizzle atoms
   auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
   const Tile sq{take(kBwdRows * D * 2), kBwdRows}, sdo{take(kBwdRows * D * 2), kBwdRows};
   char* k_stages = take(2 * kKeysPerTile * D * 2);
@@ -870,7 +870,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv;
   const int64_t row0 = int64_t(blockIdx.x) * kBwdRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp % 4, wn = warp / 4;
+  const int wm = warp % 4, wg = warp / 4;
 
   LoadQueryRows<D>(p, p.q, sq, b, h, row0, kBwdRows);
   LoadQueryRows<D>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0, kBwdRows);
@@ -881,7 +881,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   QueryBlockRange(p, b, row0, kBwdRows, red, &qmin, &qmax, &complete);
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, 0, n_ktiles, list, flags, red + 3);
 
-  float dq[kHalfTiles][4];
+  float dq[D / 8][4];  // this warpgroup's half of the keys; the halves are summed at the end
   Zero(dq);
   if (n > 0) LoadKeyTile<D>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
   CpAsyncCommit();
@@ -894,31 +894,56 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       CpAsyncWait<0>();
     }
+    FenceAsyncProxy();
     __syncthreads();
     {
       float s[4][4], dp[4][4];
       Zero(s);
       Zero(dp);
-      WarpMma<T, 4, D / 16, false, false>(s, sq, 16 * wm, sk(st), 32 * wn);
-      WarpMma<T, 4, D / 16, false, false>(dp, sdo, 16 * wm, sv(st), 32 * wn);
-      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wn, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
+      GmmaFence();
+      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq, sk(st), 32 * wg);
+      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
+      GmmaCommit();
+      GroupMmaWait(s, dp);
+      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
     }
+    FenceAsyncProxy();  // dS stores -> wgmma reads
     __syncthreads();
-    // dQ += dS K: this warp's 16 rows x half of D, reducing over the 64 keys.
-    WarpMma<T, kHalfTiles, kKeysPerTile / 16, false, true>(dq, sds, 16 * wm, sk(st), wn * D / 2);
+    // dQ += dS K over this warpgroup's 32 keys: dS K-major, K N-major.
+    GmmaFenceOperands(dq);
+    GmmaFence();
+    GroupMmaIssue<T, D / 8, 2, false, true>(dq, sds, sk(st), 0, 32 * wg);
+    GmmaCommit();
+    GmmaWait<0>();
+    GmmaFenceOperands(dq);
     __syncthreads();
   }
   CpAsyncWait<0>();
+  __syncthreads();
+  // Sum the two warpgroups' halves through shared memory (the K stages are free now).
+  float* partial = reinterpret_cast<float*>(k_stages);  // [kBwdRows][D]
+  const int r0 = 16 * wm + lane / 4;
+  if (wg == 1) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(partial + (r0 + 8 * i) * D + dt * 8 + 2 * (lane % 4)) =
+            make_float2(dq[dt][2 * i], dq[dt][2 * i + 1]);
+  }
+  __syncthreads();
+  if (wg == 1) return;
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t row = row0 + 16 * wm + lane / 4 + 8 * i, t = row / p.group;
+    const int64_t row = row0 + r0 + 8 * i, t = row / p.group;
     if (t >= p.tq) continue;
     T* dqr = static_cast<T*>(g.dq) + RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group);
 #pragma unroll
-    for (int dt = 0; dt < kHalfTiles; ++dt) {
-      const int c = wn * D / 2 + dt * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(dqr + c) = Elem<T>::Pack(dq[dt][2 * i], dq[dt][2 * i + 1]);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int c = dt * 8 + 2 * (lane % 4);
+      const float2 other = *reinterpret_cast<const float2*>(partial + (r0 + 8 * i) * D + c);
+      *reinterpret_cast<uint32_t*>(dqr + c) = Elem<T>::Pack(dq[dt][2 * i] + other.x, dq[dt][2 * i + 1] + other.y);
     }
   }
 }
