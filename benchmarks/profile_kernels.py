@@ -2,6 +2,7 @@
 
     python benchmarks/profile_kernels.py [M,K,N ...]
     python benchmarks/profile_kernels.py decode   # pi0.5 action-expert attention against a cached prefix
+    python benchmarks/profile_kernels.py train    # pi0.5 training attention (B 32), forward + backward
 
 For each shape prints wall time per call (host dispatch and thunk overhead included) next to the
 summed GPU kernel time per call, and the kernels that make it up: it tells launch- or host-bound
@@ -21,6 +22,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -71,9 +73,22 @@ def decode():
   profile(fn, sets, "flashrt attention decode 50 queries x 8 heads vs 968 + 50 keys, D 256")
 
 
+def train():
+  """pi0.5 training attention as in benchmarks/attention.py's pi05_train_b32: forward + backward."""
+  import attention as bench  # benchmarks/attention.py
+
+  c = bench.CASES["pi05_train_b32"]
+  kw, _, _ = bench.case_masks(c)
+  sets = [(q, k, v, do) for q, k, v, _, _, _, _, do in bench.make_sets(c, np.zeros((1, 1, 1), bool), 2)]
+  fn = lambda q, k, v, do: jax.vjp(lambda q, k, v: fr.attention(q, k, v, **kw), q, k, v)[1](do)
+  profile(fn, sets, "flashrt attention pi0.5 B 32 T 1018 8:1 D 256, forward + backward")
+
+
 def main():
   if sys.argv[1:] == ["decode"]:
     return decode()
+  if sys.argv[1:] == ["train"]:
+    return train()
   shapes = [tuple(int(v) for v in s.split(",")) for s in sys.argv[1:]] or [(50, 1024, 4096), (968, 2048, 2048),
                                                                           (30976, 2048, 2048)]
   for m, k, n in shapes:

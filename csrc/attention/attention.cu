@@ -401,13 +401,6 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     CpAsyncWait<0>();
     FenceAsyncProxy();  // cp.async data -> wgmma reads
     __syncthreads();
-    if (it + 1 < n) {
-      LoadKeyRows<D>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
-      if (threadIdx.x < kKeysPerTile)
-        eff[(st ^ 1) * kKeysPerTile + threadIdx.x] = KeyEff(p, b, int64_t(tile_of(it + 1)) * kKeysPerTile + threadIdx.x);
-    }
-    LoadKeyRows<D>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
-    CpAsyncCommit();
 
     // S = Q K^T for this warpgroup's 64 rows: K-major Q and K, 16 columns of D per step. Rows 64 * wg
     // and K row 0 are multiples of 8, where Addr adds no swizzle.
@@ -429,6 +422,16 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
         for (int nc = 0; nc < D / 64; ++nc)
           Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk], v_desc(kk, nc, st ^ 1));
       GmmaCommit();
+    }
+    // The next loads are issued while the tensor cores work; their stages are not read by these MMAs.
+    if (it + 1 < n) {
+      LoadKeyRows<D>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
+      if (threadIdx.x < kKeysPerTile)
+        eff[(st ^ 1) * kKeysPerTile + threadIdx.x] = KeyEff(p, b, int64_t(tile_of(it + 1)) * kKeysPerTile + threadIdx.x);
+    }
+    LoadKeyRows<D>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
+    CpAsyncCommit();
+    if (it > 0) {
       GmmaWait<1>();
     } else {
       GmmaWait<0>();
@@ -791,17 +794,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
-    if (it + 1 < n) {
-      load_rows(it + 1, st ^ 1);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
+    CpAsyncWait<0>();
     FenceAsyncProxy();
     __syncthreads();
     {
-      // S = Q K^T and dP = dO V^T for this warpgroup's 32 keys.
+      // S = Q K^T and dP = dO V^T for this warpgroup's 32 keys; the next query tile loads meanwhile.
       float s[4][4], dp[4][4];
       Zero(s);
       Zero(dp);
@@ -809,6 +806,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       GroupMmaIssue<T, 4, D / 16, false, false>(s, sq(st), sk, 32 * wg);
       GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo(st), sv, 32 * wg);
       GmmaCommit();
+      if (it + 1 < n) load_rows(it + 1, st ^ 1);
+      CpAsyncCommit();
       GroupMmaWait(s, dp);
       SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri(st), eff, list[it] & kFullTile, &sp, sds);
     }
@@ -887,16 +886,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
-    if (it + 1 < n) {
-      LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
-      CpAsyncCommit();
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
+    CpAsyncWait<0>();
     FenceAsyncProxy();
     __syncthreads();
     {
+      // The next key tile loads while the tensor cores work.
       float s[4][4], dp[4][4];
       Zero(s);
       Zero(dp);
@@ -904,6 +898,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       GroupMmaIssue<T, 4, D / 16, false, false>(s, sq, sk(st), 32 * wg);
       GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
       GmmaCommit();
+      if (it + 1 < n)
+        LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
+      CpAsyncCommit();
       GroupMmaWait(s, dp);
       SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
     }
