@@ -660,6 +660,48 @@ __device__ __forceinline__ void LoadRowInfo(const Params& p, const float* lse2, 
   }
 }
 
+// One warp's 16 x 32 block of P and dS (rows m0.., keys n0..) of a 64 x 64 tile, stored to shared
+// memory as [row][key] in T. s holds Q K^T, dp holds dO V^T.
+template <typename T>
+__device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], const float (&dp)[4][4], int m0,
+                                            int n0, const RowInfo& ri, const int* eff, bool full, const Tile* sp,
+                                            const Tile& sds) {
+  const int lane = threadIdx.x % 32;
+  float dlogit[4][4];  // d logit / d s, with s in log2 units afterwards
+  if (p.softcap > 0.0f) {
+    const float pre = p.softmax_scale / p.softcap, post = p.softcap * kLog2e;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float th = tanhf(pre * s[nt][i]);
+        s[nt][i] = post * th;
+        dlogit[nt][i] = p.softmax_scale * (1.0f - th * th);
+      }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] *= p.softmax_scale * kLog2e, dlogit[nt][i] = p.softmax_scale;
+  }
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+      const int r = m0 + lane / 4 + 4 * i, c = n0 + nt * 8 + 2 * (lane % 4);
+      float pv[2], ds[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool vis = full | (eff[c + e] <= ri.qb[r]);
+        pv[e] = vis ? exp2f(s[nt][i + e] - ri.lse2[r]) : 0.0f;
+        ds[e] = pv[e] * (dp[nt][i + e] - ri.delta[r]) * dlogit[nt][i + e];
+      }
+      if (sp) sp->Store2(r, c, Elem<T>::Pack(pv[0], pv[1]));
+      sds.Store2(r, c, Elem<T>::Pack(ds[0], ds[1]));
+    }
+  }
+}
+
 template <int D>
 constexpr int BwdKVSmemBytes() {
   return 1024 + (2 * kKeysPerTile * D + 4 * kBwdRows * D + 2 * kBwdRows * kKeysPerTile) * 2 + kKeysPerTile * 4 +
@@ -678,7 +720,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   char* do_stages = take(2 * kBwdRows * D * 2);
   auto sq = [&](int st) { return Tile{q_stages + st * kBwdRows * D * 2, kBwdRows}; };
   auto sdo = [&](int st) { return Tile{do_stages + st * kBwdRows * D * 2, kBwdRows}; };
-  float* xchg = reinterpret_cast<float*>(take(kBwdRows * kKeysPerTile * 4));  // [32][128 threads]
+  const Tile sp{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
+  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
   int* eff = reinterpret_cast<int*>(take(kKeysPerTile * 4));
   char* row_info = take(2 * 3 * kBwdRows * 4);
   auto ri = [&](int st) {
@@ -735,15 +778,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   const int n = red[2];
 
-  // Warpgroup 0 computes S^T = K Q^T, P^T and dV += P^T dO; warpgroup 1 computes dP^T = V dO^T,
-  // dS^T and dK += dS^T Q. Both transposes hold (key, row) at the same register positions, so P^T
-  // times d logit / d s goes from thread t of warpgroup 0 to thread t of warpgroup 1 through
-  // `xchg`; P^T and dS^T then feed the dV / dK MMAs straight from registers.
   float acc[D / 8][4];  // warpgroup 0: dV, warpgroup 1: dK (64 keys x D)
   Zero(acc);
-  const Tile x_a = wg == 0 ? sk : sv;
-  const int key0 = 16 * wm + lane / 4;  // this thread's keys: key0 and key0 + 8 of the tile
-  const int eff0 = eff[key0], eff1 = eff[key0 + 8];
+  // dV = P^T dO and dK = dS^T Q: A is P or dS ([row][key]) read M-major, B is dO or Q, N-major.
+  const Tile acc_a = wg == 0 ? sp : sds;
   auto load_rows = [&](int i, int st) {
     const int64_t r0 = int64_t(list[i] & ~kFullTile) * kBwdRows;
     LoadQueryRows<D>(p, p.q, sq(st), b, h, r0, kBwdRows);
@@ -757,66 +795,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     CpAsyncWait<0>();
     FenceAsyncProxy();
     __syncthreads();
-    // x = S^T (warpgroup 0) or dP^T (warpgroup 1): 64 keys x 64 rows, K-major operands; the next
-    // query tile loads meanwhile.
-    float x[8][4];
-    Zero(x);
-    GmmaFence();
-    GroupMmaIssue<T, 8, D / 16, false, false>(x, x_a, wg == 0 ? sq(st) : sdo(st), 0);
-    GmmaCommit();
-    if (it + 1 < n) load_rows(it + 1, st ^ 1);
-    CpAsyncCommit();
-    GmmaWait<0>();
-    GmmaFenceOperands(x);
-    const RowInfo r = ri(st);
-    const int c0 = 2 * (lane % 4);  // this thread's rows (columns of x): 8 * nt + c0 + {0, 1}
-    if (wg == 0) {
-      const bool full = list[it] & kFullTile;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int col = 8 * nt + c0 + (i & 1);
-          float logit = x[nt][i], dlogit = p.softmax_scale;
-          if (p.softcap > 0.0f) {
-            const float th = tanhf(p.softmax_scale / p.softcap * logit);
-            logit = p.softcap * kLog2e * th, dlogit *= 1.0f - th * th;
-          } else {
-            logit *= p.softmax_scale * kLog2e;
-          }
-          const bool vis = full | ((i < 2 ? eff0 : eff1) <= r.qb[col]);
-          x[nt][i] = vis ? exp2f(logit - r.lse2[col]) : 0.0f;
-          xchg[(nt * 4 + i) * 128 + threadIdx.x % 128] = x[nt][i] * dlogit;
-        }
-      }
+    {
+      // S = Q K^T and dP = dO V^T for this warpgroup's 32 keys; the next query tile loads meanwhile.
+      float s[4][4], dp[4][4];
+      Zero(s);
+      Zero(dp);
+      GmmaFence();
+      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq(st), sk, 32 * wg);
+      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo(st), sv, 32 * wg);
+      GmmaCommit();
+      if (it + 1 < n) load_rows(it + 1, st ^ 1);
+      CpAsyncCommit();
+      GroupMmaWait(s, dp);
+      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri(st), eff, list[it] & kFullTile, &sp, sds);
     }
+    FenceAsyncProxy();  // P, dS stores -> wgmma reads
     __syncthreads();
-    if (wg == 1) {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          x[nt][i] = xchg[(nt * 4 + i) * 128 + threadIdx.x % 128] * (x[nt][i] - r.delta[8 * nt + c0 + (i & 1)]);
-    }
-    uint32_t pa[4][4];  // P^T or dS^T as the A operand, 16 rows of the reduction per step
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      pa[kk][0] = Elem<T>::Pack(x[2 * kk][0], x[2 * kk][1]), pa[kk][1] = Elem<T>::Pack(x[2 * kk][2], x[2 * kk][3]);
-      pa[kk][2] = Elem<T>::Pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-      pa[kk][3] = Elem<T>::Pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-    }
-    const Tile acc_b = wg == 0 ? sdo(st) : sq(st);  // [row][D]: N-major
     GmmaFenceOperands(acc);
     GmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int nc = 0; nc < D / 64; ++nc)
-        Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&acc[8 * nc]), pa[kk],
-                        GmmaDesc(acc_b.Addr(16 * kk, 8 * nc), kBwdRows * 128, 1024));
+    const Tile acc_b = wg == 0 ? sdo(st) : sq(st);
+    GroupMmaIssue<T, D / 8, kBwdRows / 16, true, true>(acc, acc_a, acc_b, 0);
     GmmaCommit();
     GmmaWait<0>();
     GmmaFenceOperands(acc);
+    __syncthreads();
   }
   CpAsyncWait<0>();
 
@@ -837,7 +839,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <int D>
 constexpr int BwdQSmemBytes() {
-  return 1024 + (2 * kBwdRows * D + 4 * kKeysPerTile * D + 2 * kBwdRows * kKeysPerTile) * 2 + 2 * kKeysPerTile * 4 +
+  return 1024 + (2 * kBwdRows * D + 4 * kKeysPerTile * D + kBwdRows * kKeysPerTile) * 2 + 2 * kKeysPerTile * 4 +
          3 * kBwdRows * 4 + 16;
 }
 
@@ -853,7 +855,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   char* v_stages = take(2 * kKeysPerTile * D * 2);
   auto sk = [&](int st) { return Tile{k_stages + st * kKeysPerTile * D * 2, kKeysPerTile}; };
   auto sv = [&](int st) { return Tile{v_stages + st * kKeysPerTile * D * 2, kKeysPerTile}; };
-  float* xchg = reinterpret_cast<float*>(take(kBwdRows * kKeysPerTile * 4));  // [32][128 threads]
+  const Tile sds{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
   int* eff = reinterpret_cast<int*>(take(2 * kKeysPerTile * 4));
   RowInfo ri{reinterpret_cast<float*>(take(kBwdRows * 4)), reinterpret_cast<float*>(take(kBwdRows * 4)),
              reinterpret_cast<int*>(take(kBwdRows * 4))};
@@ -876,16 +878,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   QueryBlockRange(p, b, row0, kBwdRows, red, &qmin, &qmax, &complete);
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, 0, n_ktiles, list, flags, red + 3);
 
-  // Warpgroup 0 computes S = Q K^T and P; warpgroup 1 computes dP = dO V^T, takes P times
-  // d logit / d s from the same thread of warpgroup 0 through `xchg`, forms dS and accumulates
-  // dQ += dS K with dS straight from its registers.
-  float dq[D / 8][4];  // warpgroup 1
+  float dq[D / 8][4];  // this warpgroup's half of the keys; the halves are summed at the end
   Zero(dq);
-  const int r0 = 16 * wm + lane / 4;  // this thread's rows: r0 and r0 + 8 of the tile
-  __syncthreads();                    // row info
-  const float lse2_r[2] = {ri.lse2[r0], ri.lse2[r0 + 8]}, delta_r[2] = {ri.delta[r0], ri.delta[r0 + 8]};
-  const int qb_r[2] = {ri.qb[r0], ri.qb[r0 + 8]};
-  const Tile x_a = wg == 0 ? sq : sdo;
   if (n > 0) LoadKeyTile<D>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
   CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
@@ -893,65 +887,47 @@ __global__ void __launch_bounds__(kThreads, 1)
     CpAsyncWait<0>();
     FenceAsyncProxy();
     __syncthreads();
-    // x = S (warpgroup 0) or dP (warpgroup 1): 64 rows x 64 keys; the next key tile loads meanwhile.
-    float x[8][4];
-    Zero(x);
-    GmmaFence();
-    GroupMmaIssue<T, 8, D / 16, false, false>(x, x_a, wg == 0 ? sk(st) : sv(st), 0);
-    GmmaCommit();
-    if (it + 1 < n)
-      LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
-    CpAsyncCommit();
-    GmmaWait<0>();
-    GmmaFenceOperands(x);
-    if (wg == 0) {
-      const bool full = list[it] & kFullTile;
-      const int* e = eff + st * kKeysPerTile + 2 * (lane % 4);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float logit = x[nt][i], dlogit = p.softmax_scale;
-          if (p.softcap > 0.0f) {
-            const float th = tanhf(p.softmax_scale / p.softcap * logit);
-            logit = p.softcap * kLog2e * th, dlogit *= 1.0f - th * th;
-          } else {
-            logit *= p.softmax_scale * kLog2e;
-          }
-          const bool vis = full | (e[nt * 8 + (i & 1)] <= qb_r[i / 2]);
-          xchg[(nt * 4 + i) * 128 + threadIdx.x % 128] = vis ? exp2f(logit - lse2_r[i / 2]) * dlogit : 0.0f;
-        }
-      }
-    }
-    __syncthreads();
-    if (wg == 1) {
-      uint32_t ds[4][4];  // dS as the A operand, 16 keys of the reduction per step
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) x[nt][i] = xchg[(nt * 4 + i) * 128 + threadIdx.x % 128] * (x[nt][i] - delta_r[i / 2]);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        ds[kk][0] = Elem<T>::Pack(x[2 * kk][0], x[2 * kk][1]), ds[kk][1] = Elem<T>::Pack(x[2 * kk][2], x[2 * kk][3]);
-        ds[kk][2] = Elem<T>::Pack(x[2 * kk + 1][0], x[2 * kk + 1][1]);
-        ds[kk][3] = Elem<T>::Pack(x[2 * kk + 1][2], x[2 * kk + 1][3]);
-      }
-      // dQ += dS K: K stored [key][D] is N-major.
-      GmmaFenceOperands(dq);
+    {
+      // The next key tile loads while the tensor cores work.
+      float s[4][4], dp[4][4];
+      Zero(s);
+      Zero(dp);
       GmmaFence();
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int nc = 0; nc < D / 64; ++nc)
-          Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&dq[8 * nc]), ds[kk],
-                          GmmaDesc(sk(st).Addr(16 * kk, 8 * nc), kKeysPerTile * 128, 1024));
+      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq, sk(st), 32 * wg);
+      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
       GmmaCommit();
-      GmmaWait<0>();
-      GmmaFenceOperands(dq);
+      if (it + 1 < n)
+        LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
+      CpAsyncCommit();
+      GroupMmaWait(s, dp);
+      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
     }
+    FenceAsyncProxy();  // dS stores -> wgmma reads
+    __syncthreads();
+    // dQ += dS K over this warpgroup's 32 keys: dS K-major, K N-major.
+    GmmaFenceOperands(dq);
+    GmmaFence();
+    GroupMmaIssue<T, D / 8, 2, false, true>(dq, sds, sk(st), 0, 32 * wg);
+    GmmaCommit();
+    GmmaWait<0>();
+    GmmaFenceOperands(dq);
+    __syncthreads();
   }
   CpAsyncWait<0>();
-  if (wg == 0) return;
+  __syncthreads();
+  // Sum the two warpgroups' halves through shared memory (the K stages are free now).
+  float* partial = reinterpret_cast<float*>(k_stages);  // [kBwdRows][D]
+  const int r0 = 16 * wm + lane / 4;
+  if (wg == 1) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(partial + (r0 + 8 * i) * D + dt * 8 + 2 * (lane % 4)) =
+            make_float2(dq[dt][2 * i], dq[dt][2 * i + 1]);
+  }
+  __syncthreads();
+  if (wg == 1) return;
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -961,7 +937,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const int c = dt * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(dqr + c) = Elem<T>::Pack(dq[dt][2 * i], dq[dt][2 * i + 1]);
+      const float2 other = *reinterpret_cast<const float2*>(partial + (r0 + 8 * i) * D + c);
+      *reinterpret_cast<uint32_t*>(dqr + c) = Elem<T>::Pack(dq[dt][2 * i] + other.x, dq[dt][2 * i + 1] + other.y);
     }
   }
 }
