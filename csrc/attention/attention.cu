@@ -708,10 +708,11 @@ constexpr int BwdKVSmemBytes() {
          2 * 3 * kBwdRows * 4 + 16;
 }
 
-// dK, dV for one key tile of one (batch, KV head), looping over every query tile that sees it.
+// dK, dV for one key tile of one (batch, KV head), looping over every query tile that sees it, or
+// over part gridDim.z of them (split = blockIdx.z), written as float32 partials to `partial`.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 1)
-    BackwardKVKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
+    BackwardKVKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2, float* partial) {
   extern __shared__ __align__(128) char smem[];
   char* ptr = smem + ((1024 - SmemAddr(smem) % 1024) % 1024);  // wgmma's swizzle atoms
   auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
@@ -776,7 +777,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     red[2] = n;
   }
   __syncthreads();
-  const int n = red[2];
+  // This CTA's share of the listed query tiles: list[lo, lo + n).
+  const int lo = int(int64_t(red[2]) * blockIdx.z / gridDim.z);
+  const int n = int(int64_t(red[2]) * (blockIdx.z + 1) / gridDim.z) - lo;
+  list += lo;
 
   float acc[D / 8][4];  // warpgroup 0: dV, warpgroup 1: dK (64 keys x D)
   Zero(acc);
@@ -826,6 +830,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 2; ++i) {
     const int64_t j = int64_t(ktile) * kKeysPerTile + 16 * wm + lane / 4 + 8 * i;
     if (j >= p.tk) continue;
+    if (partial != nullptr) {  // [split][dV, dK][batch][tk][hkv][D]
+      float* dst = partial + ((int64_t(blockIdx.z * 2 + wg) * p.batch + b) * p.tk + j) * p.hkv * D + int64_t(h) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(dst + dt * 8 + 2 * (lane % 4)) = make_float2(acc[dt][2 * i], acc[dt][2 * i + 1]);
+      continue;
+    }
     const bool first = j < p.tk1;
     const int64_t off = first ? RowOffset<D>(b, j, p.tk1, p.hkv, h) : RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h);
     T* dst = static_cast<T*>(wg == 0 ? (first ? g.dv : g.dv2) : (first ? g.dk : g.dk2)) + off;
@@ -835,6 +846,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       *reinterpret_cast<uint32_t*>(dst + c) = Elem<T>::Pack(acc[dt][2 * i], acc[dt][2 * i + 1]);
     }
   }
+}
+
+// Sums the query splits of dK / dV: one thread per 4 elements of a (dV or dK, batch, key, KV head) row.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) BackwardKVReduceKernel(Params p, AttentionBackwardArgs g,
+                                                                   const float* partial, int splits) {
+  const int64_t rows = int64_t(p.batch) * p.tk * p.hkv, quads = 2 * rows * (D / 4);
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= quads) return;
+  const int64_t row = i / (D / 4) % rows, which = i / (rows * (D / 4));  // which: 0 dV, 1 dK
+  const int c = int(i % (D / 4)) * 4;
+  float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int s = 0; s < splits; ++s) {
+    const float4 v = *reinterpret_cast<const float4*>(partial + ((s * 2 + which) * rows + row) * D + c);
+    sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+  }
+  const int64_t h = row % p.hkv, j = row / p.hkv % p.tk, b = row / (int64_t(p.hkv) * p.tk);
+  const bool first = j < p.tk1;
+  const int64_t off = first ? RowOffset<D>(b, j, p.tk1, p.hkv, h) : RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h);
+  T* dst = static_cast<T*>(which == 0 ? (first ? g.dv : g.dv2) : (first ? g.dk : g.dk2)) + off + c;
+  *reinterpret_cast<uint2*>(dst) = make_uint2(Elem<T>::Pack(sum.x, sum.y), Elem<T>::Pack(sum.z, sum.w));
 }
 
 template <int D>
@@ -1011,10 +1043,18 @@ cudaError_t Backward(const AttentionArgs& a, const AttentionBackwardArgs& g, voi
 
   const int n_ktiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
   const int n_qtiles = int((p.rows + kBwdRows - 1) / kBwdRows);
+  const int splits = int(AttentionBackwardQuerySplits(a.batch, a.tq, a.tk(), a.hq, a.hkv));
+  float* partial = splits > 1 ? delta + (2 * rows_total + 3) / 4 * 4 : nullptr;  // 16-byte aligned
   const int kv_smem = BwdKVSmemBytes<D>() + ListBytes(n_qtiles);
   auto kv_kernel = BackwardKVKernel<T, D>;
   if (cudaError_t e = SetSmem(kv_kernel, kv_smem); e != cudaSuccess) return e;
-  kv_kernel<<<dim3(unsigned(n_ktiles), unsigned(p.batch * p.hkv)), kThreads, kv_smem, stream>>>(p, g, delta, lse2);
+  kv_kernel<<<dim3(unsigned(n_ktiles), unsigned(p.batch * p.hkv), unsigned(splits)), kThreads, kv_smem, stream>>>(
+      p, g, delta, lse2, partial);
+  if (splits > 1) {
+    const int64_t quads = 2 * int64_t(p.batch) * p.tk * p.hkv * (D / 4);
+    BackwardKVReduceKernel<T, D><<<unsigned((quads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p, g, partial,
+                                                                                                      splits);
+  }
 
   const int q_smem = BwdQSmemBytes<D>() + ListBytes(n_ktiles);
   auto q_kernel = BackwardQKernel<T, D>;

@@ -76,10 +76,26 @@ inline int64_t AttentionForwardWorkspaceBytes(int64_t batch, int64_t tq, int64_t
   if (splits == 1) return 0;
   return splits * batch * hq * tq * (head_dim + 2) * int64_t(sizeof(float));  // partial o, max, sum
 }
+// Query splits of the dK / dV backward kernel: with fewer (batch, KV head, key tile) CTAs than the
+// GPU has SMs (MQA at small batch), the query loop of each key tile is split over CTAs that write
+// float32 partial dK / dV, summed in a second kernel (deterministic: fixed order).
+inline int64_t AttentionBackwardQuerySplits(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv) {
+  constexpr int64_t kKeysPerTile = 64, kRowsPerTile = 64, kTargetCtas = 132, kMaxSplits = 4;
+  const int64_t ctas = batch * hkv * ((tk + kKeysPerTile - 1) / kKeysPerTile);
+  if (ctas * 2 > kTargetCtas) return 1;
+  const int64_t q_tiles = (tq * (hq / hkv) + kRowsPerTile - 1) / kRowsPerTile;
+  int64_t splits = (kTargetCtas + ctas - 1) / ctas;
+  splits = splits < q_tiles ? splits : q_tiles;
+  return splits < kMaxSplits ? (splits > 1 ? splits : 1) : kMaxSplits;
+}
+
 inline int64_t AttentionBackwardWorkspaceBytes(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv,
                                                int64_t head_dim) {
-  (void)tk, (void)hkv, (void)head_dim;
-  return 2 * batch * hq * tq * int64_t(sizeof(float));  // rowsum(do * o) and the lse in log2 units
+  // rowsum(do * o) and the lse in log2 units, rounded up to 16 bytes for the float4 reads that follow
+  int64_t bytes = (2 * batch * hq * tq * int64_t(sizeof(float)) + 15) / 16 * 16;
+  const int64_t splits = AttentionBackwardQuerySplits(batch, tq, tk, hq, hkv);
+  if (splits > 1) bytes += splits * 2 * batch * tk * hkv * head_dim * int64_t(sizeof(float));  // partial dK, dV
+  return bytes;
 }
 
 namespace cpu {
