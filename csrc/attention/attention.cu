@@ -51,7 +51,7 @@ __device__ __forceinline__ void CpAsyncWait() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warpgroup MMAs (sm_90a): a warpgroup of 4 warps computes a 64 x N tile d (+)= A B with k = 16,
+// Warpgroup MMAs (sm_90a): a warpgroup of 4 warps computes a 64 x 64 tile d (+)= A B with k = 16,
 // fp32 accumulators. d[nt][i] holds, like mma.sync's C fragment per warp, row 16 * (warp % 4) +
 // lane / 4 + 8 * (i / 2), column 8 * nt + 2 * (lane % 4) + i % 2.
 
@@ -640,18 +640,6 @@ __global__ void __launch_bounds__(kThreads) BackwardPrepKernel(Params p, Attenti
   }
 }
 
-// Issues S = Q K^T and dP = dO V^T for warpgroup wg's 32 keys of a 64-row x 64-key tile.
-template <typename T, int D>
-__device__ __forceinline__ void IssueScores(float (&s)[4][4], float (&dp)[4][4], const Tile& q, const Tile& k,
-                                            const Tile& d_o, const Tile& v, int wg) {
-  Zero(s);
-  Zero(dp);
-  GmmaFence();
-  GroupMmaIssue<T, 4, D / 16, false, false>(s, q, k, 32 * wg);
-  GroupMmaIssue<T, 4, D / 16, false, false>(dp, d_o, v, 32 * wg);
-  GmmaCommit();
-}
-
 // Per-row data of a backward query tile: lse2, delta and query block (INT_MIN, lse2 = +inf on padding).
 struct RowInfo {
   float* lse2;
@@ -812,9 +800,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     FenceAsyncProxy();
     __syncthreads();
     {
-      // The next query tile loads while the tensor cores work.
+      // S = Q K^T and dP = dO V^T for this warpgroup's 32 keys; the next query tile loads meanwhile.
       float s[4][4], dp[4][4];
-      IssueScores<T, D>(s, dp, sq(st), sk, sdo(st), sv, wg);
+      Zero(s);
+      Zero(dp);
+      GmmaFence();
+      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq(st), sk, 32 * wg);
+      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo(st), sv, 32 * wg);
+      GmmaCommit();
       if (it + 1 < n) load_rows(it + 1, st ^ 1);
       CpAsyncCommit();
       GroupMmaWait(s, dp);
@@ -929,7 +922,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       // The next key tile loads while the tensor cores work.
       float s[4][4], dp[4][4];
-      IssueScores<T, D>(s, dp, sq, sk(st), sdo, sv(st), wg);
+      Zero(s);
+      Zero(dp);
+      GmmaFence();
+      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq, sk(st), 32 * wg);
+      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
+      GmmaCommit();
       if (it + 1 < n)
         LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
       CpAsyncCommit();
