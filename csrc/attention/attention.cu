@@ -51,7 +51,7 @@ __device__ __forceinline__ void CpAsyncWait() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warpgroup MMAs (sm_90a): a warpgroup of 4 warps computes a 64 x 64 tile d (+)= A B with k = 16,
+// Warpgroup MMAs (sm_90a): a warpgroup of 4 warps computes a 64 x N tile d (+)= A B with k = 16,
 // fp32 accumulators. d[nt][i] holds, like mma.sync's C fragment per warp, row 16 * (warp % 4) +
 // lane / 4 + 8 * (i / 2), column 8 * nt + 2 * (lane % 4) + i % 2.
 
