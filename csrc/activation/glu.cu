@@ -63,10 +63,6 @@ __global__ void __launch_bounds__(TPR == 32 ? 256 : TPR) GluFp8Kernel(const GluA
   BlockAmaxAtomic(a.o, amax_acc, smem);
 }
 
-// Chunks a thread holds for the widest rows: 32 float32 values of y (16 for unaligned rows).
-template <int V>
-constexpr int kMaxChunks = V == 1 ? 16 : 32 / V;
-
 template <typename T, int V>
 struct Launcher {
   const GluArgs& a;
@@ -94,26 +90,13 @@ cudaError_t Launch(const GluParams& p, cudaStream_t stream) {
   a.rows = p.rows;
   a.cols = p.cols;
   a.silu = p.activation == Activation::kSilu;
-  return RunPasses(p.out, [&](Pass pass) {
-    GluArgs pa = a;
-    pa.o = MakeOutArgs(p.out, p.rows, pass);
-    const int64_t grid = GridFor(p.rows, shape, pass);
-    return vec ? DispatchShape<kMaxChunks<kVec>>(shape, Launcher<T, kVec>{pa, grid, shape.threads, stream})
-               : DispatchShape<kMaxChunks<1>>(shape, Launcher<T, 1>{pa, grid, shape.threads, stream});
-  }, stream);
+  return LaunchRowPasses<Launcher, T, kVec>(p.out, a, p.rows, vec, shape, stream);
 }
 
 }  // namespace
 
 cudaError_t GluFp8(const GluParams& p, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  if (!RowFits(p.dtype, p.cols)) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case DType::kF32: return Launch<float>(p, stream);
-    case DType::kBF16: return Launch<__nv_bfloat16>(p, stream);
-    case DType::kF16: return Launch<__half>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return rows::DispatchRowDtype(p.dtype, p.rows, p.cols, [&](auto t) { return Launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace fr::cuda

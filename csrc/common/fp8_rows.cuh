@@ -385,6 +385,11 @@ __device__ __forceinline__ void BlockAmaxAtomic(const OutArgs& o, uint32_t m, fl
   }
 }
 
+// Chunks a thread holds for the widest rows (V elements per chunk): 32 elements in 16-byte vectors,
+// or 16 elements.
+template <int V>
+constexpr int kMaxChunks = V == 1 ? 16 : 32 / V;
+
 // Threads per row and chunks per thread for rows of `chunks` chunks: 4 chunks a thread for short
 // rows, else max_n (what the kernel's registers hold) with as many threads as that takes.
 struct RowShape {
@@ -453,6 +458,34 @@ inline OutArgs MakeOutArgs(const Fp8Output& out, int64_t rows, Pass pass) {
   o.e5m2 = out.q_dtype == DType::kE5M2;
   o.pass = pass;
   return o;
+}
+
+// Runs Launcher<T, kVec> (Launcher<T, 1> when !vec) over the passes `out` needs. Args carries the
+// pass's output arguments in `o`; Launcher<T, V>{args, grid, threads, stream} launches the kernel.
+template <template <typename, int> class Launcher, typename T, int kVec, typename Args>
+cudaError_t LaunchRowPasses(const Fp8Output& out, const Args& a, int64_t rows, bool vec, const RowShape& shape,
+                            cudaStream_t stream) {
+  return RunPasses(out, [&](Pass pass) {
+    Args pa = a;
+    pa.o = MakeOutArgs(out, rows, pass);
+    const int64_t grid = GridFor(rows, shape, pass);
+    return vec ? DispatchShape<kMaxChunks<kVec>>(shape, Launcher<T, kVec>{pa, grid, shape.threads, stream})
+               : DispatchShape<kMaxChunks<1>>(shape, Launcher<T, 1>{pa, grid, shape.threads, stream});
+  }, stream);
+}
+
+// Calls launch(T{}) with T the element type of `dtype` (float32, bfloat16, float16) of a row
+// producer over `rows` rows of `cols` elements; no rows is a no-op, a row too wide an error.
+template <typename Launch>
+cudaError_t DispatchRowDtype(DType dtype, int64_t rows, int64_t cols, Launch&& launch) {
+  if (rows == 0) return cudaSuccess;
+  if (!RowFits(dtype, cols)) return cudaErrorInvalidValue;
+  switch (dtype) {
+    case DType::kF32: return launch(float{});
+    case DType::kBF16: return launch(__nv_bfloat16{});
+    case DType::kF16: return launch(__half{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace fr::cuda::rows

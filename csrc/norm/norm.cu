@@ -194,10 +194,6 @@ __global__ void __launch_bounds__(kThreads<TPR>, (kMinBlocks<T, V, TPR, kVariant
   BlockAmaxAtomic(a.o, amax_acc, smem);
 }
 
-// Chunks a thread holds for the widest rows: 32 elements in 16-byte vectors, or 16 elements.
-template <int V>
-constexpr int kMaxChunks = V == 1 ? 16 : 32 / V;
-
 template <typename T, int V>
 struct Launcher {
   const NormArgs& a;
@@ -283,14 +279,7 @@ cudaError_t Launch(const NormParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t NormFp8(const NormParams& p, cudaStream_t stream) {
-  if (p.rows == 0) return cudaSuccess;
-  if (!RowFits(p.x_dtype, p.cols)) return cudaErrorInvalidValue;
-  switch (p.x_dtype) {
-    case DType::kF32: return Launch<float>(p, stream);
-    case DType::kBF16: return Launch<__nv_bfloat16>(p, stream);
-    case DType::kF16: return Launch<__half>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return rows::DispatchRowDtype(p.x_dtype, p.rows, p.cols, [&](auto t) { return Launch<decltype(t)>(p, stream); });
 }
 
 }  // namespace fr::cuda
