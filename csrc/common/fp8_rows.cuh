@@ -126,52 +126,19 @@ __device__ __forceinline__ float ScaleFromAmax(float amax, float fmax) {
   return __fdiv_rn(floored, fmax);
 }
 
-// Sum over the threads of one row, the same bits in each (xor shuffles add commutatively, the
-// cross-warp sum runs in warp order). With TPR > 32 the block is that one row.
-template <int TPR>
-__device__ __forceinline__ float RowSum(float v, float* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-  if constexpr (TPR == 32) {
-    return v;
-  } else {
-    __syncthreads();  // smem's previous readers are done
-    if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;
-    __syncthreads();
-    float s = smem[0];
-#pragma unroll
-    for (int w = 1; w < TPR / 32; ++w) s += smem[w];
-    return s;
-  }
-}
-
-template <int TPR>
-__device__ __forceinline__ uint32_t RowMax(uint32_t m, float* smem) {
-  m = __reduce_max_sync(0xFFFFFFFFu, m);
-  if constexpr (TPR == 32) {
-    return m;
-  } else {
-    uint32_t* bits = reinterpret_cast<uint32_t*>(smem);
-    __syncthreads();
-    if (threadIdx.x % 32 == 0) bits[threadIdx.x / 32] = m;
-    __syncthreads();
-#pragma unroll
-    for (int w = 0; w < TPR / 32; ++w) m = max(m, bits[w]);
-    return m;
-  }
-}
-
-// RowSum / RowMax with the cross-warp step through `slot` (TPR / 32 words) and no leading sync:
-// the caller gives every reduction of a row its own slot and alternates two slot sets between
-// consecutive rows, so that a slot is rewritten only after a later barrier that every reader of
-// its previous value has passed. Same sums in the same order as RowSum.
-template <int TPR>
+// Sum / max over the threads of one row, the same bits in each (xor shuffles add commutatively, the
+// cross-warp step runs in warp order), with the cross-warp step through `slot` (TPR / 32 words).
+// With TPR > 32 the block is that one row. Without kLeadingSync the caller gives every reduction of
+// a row its own slot and alternates two slot sets between consecutive rows, so that a slot is
+// rewritten only after a later barrier that every reader of its previous value has passed.
+template <int TPR, bool kLeadingSync = false>
 __device__ __forceinline__ float RowSumAt(float v, float* slot) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
   if constexpr (TPR == 32) {
     return v;
   } else {
+    if constexpr (kLeadingSync) __syncthreads();  // the slot's previous readers are done
     if (threadIdx.x % 32 == 0) slot[threadIdx.x / 32] = v;
     __syncthreads();
     float s = slot[0];
@@ -181,19 +148,30 @@ __device__ __forceinline__ float RowSumAt(float v, float* slot) {
   }
 }
 
-template <int TPR>
+template <int TPR, bool kLeadingSync = false>
 __device__ __forceinline__ uint32_t RowMaxAt(uint32_t m, float* slot) {
   m = __reduce_max_sync(0xFFFFFFFFu, m);
   if constexpr (TPR == 32) {
     return m;
   } else {
     uint32_t* bits = reinterpret_cast<uint32_t*>(slot);
+    if constexpr (kLeadingSync) __syncthreads();
     if (threadIdx.x % 32 == 0) bits[threadIdx.x / 32] = m;
     __syncthreads();
 #pragma unroll
     for (int w = 0; w < TPR / 32; ++w) m = max(m, bits[w]);
     return m;
   }
+}
+
+// The same through one shared `smem` slot, with a barrier before it is rewritten.
+template <int TPR>
+__device__ __forceinline__ float RowSum(float v, float* smem) {
+  return RowSumAt<TPR, true>(v, smem);
+}
+template <int TPR>
+__device__ __forceinline__ uint32_t RowMax(uint32_t m, float* smem) {
+  return RowMaxAt<TPR, true>(m, smem);
 }
 
 // Round to nearest even, saturate to the format's max, NaN stays NaN.
