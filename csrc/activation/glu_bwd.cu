@@ -126,16 +126,11 @@ __global__ void __launch_bounds__(TPR == 32 ? 256 : TPR) GluBwdFp8Kernel(const G
         continue;
       }
       m = RowMax<TPR>(m, smem);
-      const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, o.fmax);
-      if (t == 0) {
-        o.scale_out[row] = scale;
-        o.amax_out[row] = amax;
-      }
-      inv = __frcp_rn(scale);
+      inv = StoreRowScale(o, m, row, t);
     } else if (o.scale_in != nullptr) {
       inv = __frcp_rn(o.scale_in[row / o.scale_group]);
     } else {  // kQuant: the tensor amax is complete
-      inv = __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+      inv = TensorInverseScale(o);
     }
     Chunk<uint8_t, V>* qr = reinterpret_cast<Chunk<uint8_t, V>*>(o.q + row * out_cols) + t;
 #pragma unroll

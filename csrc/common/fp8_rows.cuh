@@ -225,6 +225,22 @@ struct OutArgs {
   Pass pass;
 };
 
+// Per-row current scaling, after the row's |y| maximum m is reduced: thread 0 writes the row's scale
+// and amax; returns 1 / scale.
+__device__ __forceinline__ float StoreRowScale(const OutArgs& o, uint32_t m, int64_t row, int t) {
+  const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, o.fmax);
+  if (t == 0) {
+    o.scale_out[row] = scale;
+    o.amax_out[row] = amax;
+  }
+  return __frcp_rn(scale);
+}
+
+// 1 / scale of per-tensor current scaling in the kQuant pass (the tensor amax is complete).
+__device__ __forceinline__ float TensorInverseScale(const OutArgs& o) {
+  return __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+}
+
 // Writes y (if asked), finds the scale and quantizes row `row`. Chunk j of this thread is
 // c = t + TPR * j, present when c < chunks; chunk_y(j, c, v) computes its float32 values into v.
 // Current scaling sweeps the chunks twice (amax, then quantize), so chunk_y must be cheap or read
@@ -260,16 +276,11 @@ __device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, 
       return;
     }
     m = RowMax<TPR>(m, smem);
-    const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, o.fmax);
-    if (t == 0) {
-      o.scale_out[row] = scale;
-      o.amax_out[row] = amax;
-    }
-    inv = __frcp_rn(scale);
+    inv = StoreRowScale(o, m, row, t);
   } else if (o.scale_in != nullptr) {
     inv = __frcp_rn(o.scale_in[row / o.scale_group]);
   } else {  // kQuant: the tensor amax is complete
-    inv = __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+    inv = TensorInverseScale(o);
   }
   Chunk<uint8_t, V>* qr = reinterpret_cast<Chunk<uint8_t, V>*>(o.q + row * cols) + t;
 #pragma unroll
@@ -319,16 +330,11 @@ __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row,
       return;
     }
     m = RowMaxAt<TPR>(m, slot);
-    const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, o.fmax);
-    if (t == 0) {
-      o.scale_out[row] = scale;
-      o.amax_out[row] = amax;
-    }
-    inv = __frcp_rn(scale);
+    inv = StoreRowScale(o, m, row, t);
   } else if (o.scale_in != nullptr) {
     inv = __frcp_rn(o.scale_in[DivRows(row, o.scale_group)]);
   } else {  // kQuant: the tensor amax is complete
-    inv = __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+    inv = TensorInverseScale(o);
   }
   uint8_t* qr = o.q + row * cols + t * V;
   if (o.e5m2) {
