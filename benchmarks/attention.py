@@ -193,14 +193,13 @@ def bench_case(name, c, section, smoke):
          "flops": flops, "flops_dense": flops_dense, "floor_us": floor_s * 1e6, "us": {}, "tflops": {},
          "tflops_dense": {}, "temp_bytes": {}, "errors": {}}
   t2_bytes = b * hq * tq * tkt * 2  # one bf16 (Tq, Tk) tensor, for comparison
-  # What flashrt's program should allocate besides its inputs and outputs: the workspaces, and for the
-  # backward the residuals o and lse. A (Tq, Tk) buffer would show up above this bound.
-  if jax.devices()[0].platform == "cpu":
-    ws = 2 * 16
+  # What flashrt's program should allocate besides its inputs and outputs: for the backward its
+  # workspace and the residuals o and lse. A (Tq, Tk) buffer would show up above this bound.
+  if section == "fwd":
+    expected = 0
   else:
-    ws = raw.workspace_bytes("fwd", b, tq, tkt, hq, hkv, kernel_head_dim(d))
-    ws += 0 if section == "fwd" else raw.workspace_bytes("bwd", b, tq, tkt, hq, hkv, kernel_head_dim(d))
-  expected = ws + (0 if section == "fwd" else 2 * b * tq * hq * d + 4 * b * hq * tq)
+    ws = 16 if jax.devices()[0].platform == "cpu" else raw.bwd_workspace_bytes(b, tq, tkt, hq, hkv, kernel_head_dim(d))
+    expected = ws + 2 * b * tq * hq * d + 4 * b * hq * tq
   bound = int(1.25 * expected) + (16 << 20)
   row["t2_bytes"], row["expected_temp_bytes"], row["temp_bound_bytes"] = t2_bytes, expected, bound
   for vname, f in variants(c, kw, nearest).items():

@@ -11,20 +11,29 @@
 // Forward: one CTA per (128 folded rows, batch, KV head[, key split]), a warpgroup per 64 rows with
 // warpgroup MMAs (wgmma) from 128-byte-swizzled shared memory; K/V tiles double-buffered through
 // cp.async, Q K^T of one tile issued together with P V of the previous one so the softmax overlaps
-// the tensor cores. Few query rows (decode) split the keys over CTAs and a second kernel merges.
+// the tensor cores. Few query rows (decode) split the keys over the CTAs of a cluster, which merge
+// through distributed shared memory.
 // Backward (deterministic, no atomics; wgmma as well): a preprocess kernel (rowsum(dO * O),
 // lse in log2 units), one kernel per key tile for dK / dV looping over the query tiles (all heads of
 // the group, so a shared KV head accumulates without races), and one kernel per query tile for dQ.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cooperative_groups.h>
+
+#include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "attention/attention.h"
 
 namespace fr::cuda {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;  // 8 warps
 constexpr int kKeysPerTile = 64;
@@ -243,48 +252,55 @@ __device__ __forceinline__ const char* KeyRow(const Params& p, const char* src1,
 }
 
 // Loads rows [row0, row0 + nrows) of a (batch, tq, hq, D) array for folded rows of KV head h into
-// `dst`, zero-filling rows past the end. Each thread keeps one 16-byte column chunk (blockDim.x is a
-// multiple of D / 8), so the row arithmetic is 32-bit and per row, not per chunk.
-template <int D>
+// `dst`, zero-filling rows past the end. Each of the kN threads keeps one 16-byte column chunk, and
+// its folded row (t, head in group) is divided out once and then advanced, not divided per row.
+template <int D, int kN>
 __device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, const Tile& dst, int b, int h,
                                               int64_t row0, int nrows) {
-  constexpr int kChunks = D / 8;
-  const int c = threadIdx.x % kChunks, step = blockDim.x / kChunks;
-  for (int r = threadIdx.x / kChunks; r < nrows; r += step) {
-    const int row = int(row0) + r, t = row / p.group;
+  constexpr int kChunks = D / 8, kStep = kN / kChunks;
+  const int c = threadIdx.x % kChunks;
+  int r = threadIdx.x / kChunks, t = (int(row0) + r) / p.group, hh = int(row0) + r - t * p.group;
+  const char* g = src + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + hh) + c * 8) * 2;
+  const int64_t next_t = int64_t(p.hq - p.group) * D * 2;  // from past the group's heads to the next t
+  for (; r < nrows; r += kStep) {
     const bool ok = t < p.tq;
-    const char* g = ok ? src + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group) + c * 8) * 2 : src;
-    CpAsync16(dst.Addr(r, c), g, ok);
+    CpAsync16(dst.Addr(r, c), ok ? g : src, ok);
+    hh += kStep, g += kStep * D * 2;
+    if (hh >= p.group) {
+      const int carry = p.group >= kStep ? 1 : hh / p.group;
+      hh -= carry * p.group, t += carry, g += carry * next_t;
+    }
   }
 }
 
-// Loads the K or V rows of key tile `tile` (src1 / src2: the two key sources) into `dst`,
-// zero-filling rows past the end. A tile inside the first source walks it with a fixed stride.
-template <int D>
+// Loads the K or V rows of key tile `tile` (src1 / src2: the two key sources) into `dst` with kN
+// threads, zero-filling rows past the end. A tile inside the first source walks it with a fixed stride.
+template <int D, int kN>
 __device__ __forceinline__ void LoadKeyRows(const Params& p, const char* src1, const char* src2, const Tile& dst,
                                             int b, int h, int tile) {
-  constexpr int kChunks = D / 8;
-  const int c = threadIdx.x % kChunks, step = blockDim.x / kChunks;
+  constexpr int kChunks = D / 8, kStep = kN / kChunks;
+  const int c = threadIdx.x % kChunks;
   const int64_t j0 = int64_t(tile) * kKeysPerTile;
   if (j0 + kKeysPerTile <= p.tk1) {
-    int r = threadIdx.x / kChunks;
-    const char* g = src1 + RowOffset<D>(b, j0 + r, p.tk1, p.hkv, h) * 2 + c * 16;
-    const int64_t stride = int64_t(step) * p.hkv * D * 2;
-    for (; r < kKeysPerTile; r += step, g += stride) CpAsync16(dst.Addr(r, c), g, true);
+    const int r0 = threadIdx.x / kChunks;
+    const char* g = src1 + RowOffset<D>(b, j0 + r0, p.tk1, p.hkv, h) * 2 + c * 16;
+    const int64_t stride = int64_t(kStep) * p.hkv * D * 2;
+#pragma unroll
+    for (int r = r0; r < kKeysPerTile; r += kStep, g += stride) CpAsync16(dst.Addr(r, c), g, true);
     return;
   }
-  for (int r = threadIdx.x / kChunks; r < kKeysPerTile; r += step) {
+  for (int r = threadIdx.x / kChunks; r < kKeysPerTile; r += kStep) {
     const char* g = KeyRow<D>(p, src1, src2, b, h, j0 + r);
     CpAsync16(dst.Addr(r, c), g ? g + c * 16 : src1, g != nullptr);
   }
 }
 
 // Loads the K and V rows of key tile `tile` and the keys' effective blocks.
-template <int D>
+template <int D, int kN>
 __device__ __forceinline__ void LoadKeyTile(const Params& p, const Tile& k, const Tile& v, int* eff, int b, int h,
                                             int tile) {
-  LoadKeyRows<D>(p, p.k, p.k2, k, b, h, tile);
-  LoadKeyRows<D>(p, p.v, p.v2, v, b, h, tile);
+  LoadKeyRows<D, kN>(p, p.k, p.k2, k, b, h, tile);
+  LoadKeyRows<D, kN>(p, p.v, p.v2, v, b, h, tile);
   if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile) * kKeysPerTile + threadIdx.x);
 }
 
@@ -342,7 +358,7 @@ constexpr int FwdSmemBytes() {
 
 template <typename T, int D, int kFwdRows>
 __global__ void __launch_bounds__(kFwdRows * 2, 1)
-    ForwardKernel(Params p, AttentionForwardOut out, float* partial, int tiles_per_split) {
+    ForwardKernel(Params p, AttentionForwardOut out, int tiles_per_split) {
   constexpr int kChunks = D / 8, kDTiles = D / 8;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - SmemAddr(smem_raw) % 1024) % 1024);  // wgmma's swizzle atoms
@@ -360,14 +376,24 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   const int64_t row0 = int64_t(blockIdx.x) * kFwdRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
-  LoadQueryRows<D>(p, p.q, sq, b, h, row0, kFwdRows);
+  const int begin = split * tiles_per_split;
+  const int end = min(n_tiles_total, begin + tiles_per_split);
+  // Before the masks are read, the Q rows and the K / V tiles of the range's first two tiles (both
+  // stages): they are the first listed unless a mask hides them, and a short range (a decode split)
+  // then waits for one round trip to memory instead of one per tile.
+  const int guessed = max(0, min(2, end - begin));
+  LoadQueryRows<D, kFwdRows * 2>(p, p.q, sq, b, h, row0, kFwdRows);
+  for (int i = 0; i < guessed; ++i)
+    LoadKeyTile<D, kFwdRows * 2>(p, sk(i), sv(i), eff + i * kKeysPerTile, b, h, begin + i);
   CpAsyncCommit();
   int qmin, qmax;
   bool complete;
   QueryBlockRange(p, b, row0, kFwdRows, red, &qmin, &qmax, &complete);
-  const int begin = split * tiles_per_split;
-  const int end = min(n_tiles_total, begin + tiles_per_split);
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, begin, max(begin, end), list, flags, red + 3);
+  auto tile_of = [&](int i) { return list[i] & ~kFullTile; };
+  int ready = 0;  // listed tiles whose K and V are already loading
+  while (ready < min(guessed, n) && tile_of(ready) == begin + ready) ++ready;
+  if (ready < guessed) CpAsyncWait<0>();  // a guessed tile is not listed: its stage gets reloaded
 
   // This thread's two rows (r0 and r0 + 8 of the warp's 16) and their query blocks.
   const int r0 = 16 * warp + lane / 4;
@@ -390,9 +416,8 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   auto v_desc = [&](int kk, int nc, int st) {
     return GmmaDesc(sv(st).Addr(16 * kk, 8 * nc), kKeysPerTile * 128, 1024);
   };
-  auto tile_of = [&](int i) { return list[i] & ~kFullTile; };
-  if (n > 0) {
-    LoadKeyRows<D>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
+  if (ready == 0 && n > 0) {
+    LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
     if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile_of(0)) * kKeysPerTile + threadIdx.x);
   }
   CpAsyncCommit();
@@ -402,12 +427,12 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     FenceAsyncProxy();  // cp.async data -> wgmma reads
     __syncthreads();
     // Issuing these after the MMAs below measured slower (786 vs 697 us at pi0.5 B 32).
-    if (it + 1 < n) {
-      LoadKeyRows<D>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
+    if (it + 1 < n && it + 1 >= ready) {
+      LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
       if (threadIdx.x < kKeysPerTile)
         eff[(st ^ 1) * kKeysPerTile + threadIdx.x] = KeyEff(p, b, int64_t(tile_of(it + 1)) * kKeysPerTile + threadIdx.x);
     }
-    LoadKeyRows<D>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
+    if (it >= ready) LoadKeyRows<D, kFwdRows * 2>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
     CpAsyncCommit();
 
     // S = Q K^T for this warpgroup's 64 rows: K-major Q and K, 16 columns of D per step. Rows 64 * wg
@@ -516,9 +541,8 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
   }
   const float inv[2] = {l[0] > 0.0f ? 1.0f / l[0] : 0.0f, l[1] > 0.0f ? 1.0f / l[1] : 0.0f};
-  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
 
-  if (partial == nullptr) {
+  if (gridDim.z == 1) {
     // Stage this warp's 16 output rows in its own Q rows, then store them with 16-byte writes.
 #pragma unroll
     for (int dt = 0; dt < kDTiles; ++dt) {
@@ -545,64 +569,62 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     }
     return;
   }
-  // Key split: write this split's normalised partial output, running max (log2 units) and sum.
-  float* po = partial + split * rows_total * D;
-  float* pm = partial + int64_t(gridDim.z) * rows_total * D + split * rows_total;
-  float* pl = pm + int64_t(gridDim.z) * rows_total;
+  // Key split: the CTAs of the splits form one thread-block cluster (split = cluster rank). Each
+  // leaves its normalised partial output and (running max in log2 units, sum) in its own shared
+  // memory, then merges a share of the rows from all of them: no global scratch, no second kernel.
+  __syncthreads();  // every warp is done with Q, K and V in shared memory
+  constexpr int kStride = D + 8;  // floats per partial row: conflict-free float2 stores
+  float* po = reinterpret_cast<float*>(smem);
+  float2* pml = reinterpret_cast<float2*>(po + kFwdRows * kStride);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int64_t row = row0 + r0 + 8 * i, t = row / p.group;
-    if (t >= p.tq) continue;
-    const int64_t orow = (int64_t(b) * p.tq + t) * p.hq + h * p.group + row % p.group;
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      *reinterpret_cast<float2*>(po + orow * D + dt * 8 + 2 * (lane % 4)) =
+    for (int dt = 0; dt < kDTiles; ++dt)
+      *reinterpret_cast<float2*>(po + (r0 + 8 * i) * kStride + dt * 8 + 2 * (lane % 4)) =
           make_float2(o[dt][2 * i] * inv[i], o[dt][2 * i + 1] * inv[i]);
-    }
-    if (lane % 4 == 0) pm[orow] = m[i], pl[orow] = l[i];
+    if (lane % 4 == 0) pml[r0 + 8 * i] = make_float2(m[i], l[i]);
   }
-}
-
-// Merges the key splits: one warp per output row.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) CombineKernel(Params p, AttentionForwardOut out, const float* partial,
-                                                          int splits) {
-  const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
-  const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows_total) return;
-  const float* po = partial;
-  const float* pm = partial + splits * rows_total * D;
-  const float* pl = pm + splits * rows_total;
-  const float ms = lane < splits ? pm[lane * rows_total + row] : -INFINITY;
-  const float ls = lane < splits ? pl[lane * rows_total + row] : 0.0f;
-  float mx = ms;
-  for (int off = 16; off; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  const float w = ls > 0.0f ? ls * exp2f(ms - mx) : 0.0f;
-  float sum = w;
-  for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  constexpr int kPerLane = D / 32;
-  float acc[kPerLane] = {};
-#pragma unroll 4
-  for (int s = 0; s < splits; ++s) {  // an empty split has w = 0 and a zero partial output
-    const float ws = __shfl_sync(0xffffffffu, w, s);
-    const float* src = po + (s * rows_total + row) * D + lane * kPerLane;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int splits = int(gridDim.z);
+  for (int r = split + splits * warp; r < kFwdRows; r += splits * (kFwdRows / 16)) {
+    const int64_t row = row0 + r, t = row / p.group;
+    if (t >= p.tq) break;  // rows grow with r
+    const float2 ml = lane < splits ? cluster.map_shared_rank(pml, lane)[r] : make_float2(-INFINITY, 0.0f);
+    float mx = ml.x;
+    for (int off = 16; off; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float w = ml.y > 0.0f ? ml.y * exp2f(ml.x - mx) : 0.0f;  // an empty split weighs nothing
+    float sum = w;
+    for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    // Columns 2 * lane + 64 * j; 8 splits' loads in flight at a time (distributed shared memory is far).
+    // Past the last split, v is 0 and so is its weight (w is 0 on lanes >= splits).
+    constexpr int kBatch = 8;
+    float2 acc[D / 64] = {};
+    for (int s0 = 0; s0 < splits; s0 += kBatch) {
+      float2 v[kBatch][D / 64];
 #pragma unroll
-    for (int i = 0; i < kPerLane; i += 2) {
-      const float2 v = *reinterpret_cast<const float2*>(src + i);
-      acc[i] += ws * v.x, acc[i + 1] += ws * v.y;
-    }
-  }
-  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-  T* dst = static_cast<T*>(out.o) + row * D + lane * kPerLane;
+      for (int u = 0; u < kBatch; ++u) {
+        const float* src = cluster.map_shared_rank(po, min(s0 + u, splits - 1)) + r * kStride + 2 * lane;
 #pragma unroll
-  for (int i = 0; i < kPerLane; i += 2) {
-    *reinterpret_cast<uint32_t*>(dst + i) = Elem<T>::Pack(acc[i] * inv, acc[i + 1] * inv);
+        for (int j = 0; j < D / 64; ++j)
+          v[u][j] = s0 + u < splits ? *reinterpret_cast<const float2*>(src + 64 * j) : make_float2(0.0f, 0.0f);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const float ws = __shfl_sync(0xffffffffu, w, s0 + u);
+#pragma unroll
+        for (int j = 0; j < D / 64; ++j) acc[j].x += ws * v[u][j].x, acc[j].y += ws * v[u][j].y;
+      }
+    }
+    const float scale = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const int head = h * p.group + int(row % p.group);
+    T* dst = static_cast<T*>(out.o) + RowOffset<D>(b, t, p.tq, p.hq, head) + 2 * lane;
+#pragma unroll
+    for (int j = 0; j < D / 64; ++j)
+      *reinterpret_cast<uint32_t*>(dst + 64 * j) = Elem<T>::Pack(acc[j].x * scale, acc[j].y * scale);
+    if (lane == 0) out.lse[(int64_t(b) * p.hq + head) * p.tq + t] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
   }
-  if (lane == 0) {
-    const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
-    out.lse[(b * p.hq + head) * p.tq + t] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
-  }
+  cluster.sync();  // peers may still read this CTA's shared memory
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -738,7 +760,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp % 4, wg = warp / 4;
 
-  LoadKeyTile<D>(p, sk, sv, eff, b, h, ktile);
+  LoadKeyTile<D, kThreads>(p, sk, sv, eff, b, h, ktile);
   CpAsyncCommit();
   // Key range of this tile: the smallest visible block and whether some key is invisible.
   if (threadIdx.x == 0) red[0] = INT_MAX, red[1] = INT_MIN;
@@ -788,8 +810,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Tile acc_a = wg == 0 ? sp : sds;
   auto load_rows = [&](int i, int st) {
     const int64_t r0 = int64_t(list[i] & ~kFullTile) * kBwdRows;
-    LoadQueryRows<D>(p, p.q, sq(st), b, h, r0, kBwdRows);
-    LoadQueryRows<D>(p, static_cast<const char*>(g.d_o), sdo(st), b, h, r0, kBwdRows);
+    LoadQueryRows<D, kThreads>(p, p.q, sq(st), b, h, r0, kBwdRows);
+    LoadQueryRows<D, kThreads>(p, static_cast<const char*>(g.d_o), sdo(st), b, h, r0, kBwdRows);
     LoadRowInfo(p, lse2, delta, ri(st), b, h, r0);
   };
   if (n > 0) load_rows(0, 0);
@@ -901,8 +923,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp % 4, wg = warp / 4;
 
-  LoadQueryRows<D>(p, p.q, sq, b, h, row0, kBwdRows);
-  LoadQueryRows<D>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0, kBwdRows);
+  LoadQueryRows<D, kThreads>(p, p.q, sq, b, h, row0, kBwdRows);
+  LoadQueryRows<D, kThreads>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0, kBwdRows);
   CpAsyncCommit();
   LoadRowInfo(p, lse2, delta, ri, b, h, row0);
   int qmin, qmax;
@@ -912,7 +934,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   float dq[D / 8][4];  // this warpgroup's half of the keys; the halves are summed at the end
   Zero(dq);
-  if (n > 0) LoadKeyTile<D>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
+  if (n > 0) LoadKeyTile<D, kThreads>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
   CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
@@ -929,7 +951,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
       GmmaCommit();
       if (it + 1 < n)
-        LoadKeyTile<D>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h, list[it + 1] & ~kFullTile);
+        LoadKeyTile<D, kThreads>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h,
+                                 list[it + 1] & ~kFullTile);
       CpAsyncCommit();
       GroupMmaWait(s, dp);
       SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
@@ -994,43 +1017,105 @@ Params MakeParams(const AttentionArgs& a) {
 
 constexpr int kMaxSmemBytes = 227 * 1024;  // per block on sm_90
 
+// Host-side facts about a kernel on a device, kept so that a launch makes no attribute calls or
+// occupancy queries after the first (decode launches are short enough for those to show).
+struct KernelState {
+  int smem_granted = 0;    // cudaFuncAttributeMaxDynamicSharedMemorySize set so far (it only grows)
+  int wide_cluster = -1;   // whether one cluster of 16 fits: -1 not asked yet
+  int wide_cluster_smem = 0;  // ... with this much dynamic shared memory
+};
+
+std::mutex kernel_state_mu;
+
+KernelState& StateOf(const void* kernel, int device) {  // call with kernel_state_mu held
+  static std::map<std::pair<const void*, int>, KernelState> states;
+  return states[{kernel, device}];
+}
+
 template <typename K>
 cudaError_t SetSmem(K kernel, int bytes) {
   if (bytes > kMaxSmemBytes) return cudaErrorInvalidValue;  // too many tiles to list (very long sequence)
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(kernel_state_mu);
+  KernelState& state = StateOf(reinterpret_cast<const void*>(kernel), device);
+  if (bytes <= state.smem_granted) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  state.smem_granted = bytes;
+  return cudaSuccess;
 }
 
 int ListBytes(int n) { return ((n + 1) & ~1) + 2 * n + 16; }
 
+// Key splits of the forward pass: when the 128-row query tiles fill less than half the GPU (decode:
+// few queries, many keys), as many key ranges as keep every CTA in the first wave, at least one key
+// tile each and at most 16 (the largest cluster; LaunchForward falls back to the portable 8).
+int KeySplits(const Params& p, int n_tiles) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    sms = 132;  // H100 SXM
+  const int64_t row_tiles = int64_t(p.batch) * p.hkv * ((p.rows + 127) / 128);
+  if (row_tiles * 2 > sms) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>({sms / row_tiles, n_tiles, 16})));
+}
+
 template <typename T, int D, int kRows>
-cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, float* partial, int splits,
-                          int per_split, cudaStream_t stream) {
-  const int smem = FwdSmemBytes<D, kRows>() + ListBytes(per_split);
+cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, int splits, int n_tiles,
+                          cudaStream_t stream) {
+  constexpr int kPortableCluster = 8;
   auto kernel = ForwardKernel<T, D, kRows>;
-  if (cudaError_t e = SetSmem(kernel, smem); e != cudaSuccess) return e;
-  const dim3 grid(unsigned((p.rows + kRows - 1) / kRows), unsigned(p.batch * p.hkv), unsigned(splits));
-  kernel<<<grid, kRows * 2, smem, stream>>>(p, out, partial, per_split);
-  return cudaSuccess;
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster;  // the key splits of one row tile merge inside their cluster
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  config.blockDim = dim3(kRows * 2);
+  config.stream = stream;
+  config.attrs = &cluster;
+  int per_split = 0;
+  auto configure = [&]() {
+    per_split = (n_tiles + splits - 1) / splits;
+    config.gridDim = dim3(unsigned((p.rows + kRows - 1) / kRows), unsigned(p.batch * p.hkv), unsigned(splits));
+    config.dynamicSmemBytes = FwdSmemBytes<D, kRows>() + ListBytes(per_split);
+    cluster.val.clusterDim.x = 1, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = unsigned(splits);
+    config.numAttrs = splits > 1 ? 1 : 0;
+    return SetSmem(kernel, int(config.dynamicSmemBytes));
+  };
+  if (cudaError_t e = configure(); e != cudaSuccess) return e;
+  if (splits > kPortableCluster) {  // a non-portable cluster size, where the GPU can hold one
+    int device = 0;
+    if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+    bool wide = false;
+    {
+      std::lock_guard<std::mutex> lock(kernel_state_mu);
+      KernelState& state = StateOf(reinterpret_cast<const void*>(kernel), device);
+      if (state.wide_cluster < 0 || state.wide_cluster_smem != int(config.dynamicSmemBytes)) {
+        int fits = 0;
+        const bool ok =
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+            cudaOccupancyMaxActiveClusters(&fits, kernel, &config) == cudaSuccess;
+        if (!ok) cudaGetLastError();  // clear the query's error
+        state.wide_cluster = ok && fits > 0, state.wide_cluster_smem = int(config.dynamicSmemBytes);
+      }
+      wide = state.wide_cluster != 0;
+    }
+    if (!wide) {
+      splits = kPortableCluster;
+      if (cudaError_t e = configure(); e != cudaSuccess) return e;
+    }
+  }
+  return cudaLaunchKernelEx(&config, kernel, p, out, per_split);
 }
 
 template <typename T, int D>
-cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, void* workspace, cudaStream_t stream) {
+cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, cudaStream_t stream) {
   const Params p = MakeParams(a);
   const int n_tiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
-  const int splits = int(AttentionKeySplits(a.batch, a.tq, a.tk(), a.hq, a.hkv));
-  const int per_split = (n_tiles + splits - 1) / splits;
-  if (splits == 1) {
-    if (cudaError_t e = LaunchForward<T, D, 128>(p, out, nullptr, 1, per_split, stream); e != cudaSuccess) return e;
-  } else {
-    // Few rows (decode): 64-row CTAs spread them wider; measured slower for a 968-token prefix.
-    float* partial = static_cast<float*>(workspace);
-    const cudaError_t e = p.rows <= 1024 ? LaunchForward<T, D, 64>(p, out, partial, splits, per_split, stream)
-                                         : LaunchForward<T, D, 128>(p, out, partial, splits, per_split, stream);
-    if (e != cudaSuccess) return e;
-    const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
-    CombineKernel<T, D><<<unsigned((rows_total + 7) / 8), kThreads, 0, stream>>>(p, out, partial, splits);
-  }
-  return cudaGetLastError();
+  const int splits = KeySplits(p, n_tiles);
+  // Few rows (decode): 64-row CTAs spread them wider; measured slower for a 968-token prefix.
+  const cudaError_t e = splits > 1 && p.rows <= 1024 ? LaunchForward<T, D, 64>(p, out, splits, n_tiles, stream)
+                                                     : LaunchForward<T, D, 128>(p, out, splits, n_tiles, stream);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 template <typename T, int D>
@@ -1076,8 +1161,8 @@ cudaError_t Dispatch(const AttentionArgs& a, Args&&... args) {
 
 template <typename T, int D>
 struct ForwardFn {
-  static cudaError_t Run(const AttentionArgs& a, const AttentionForwardOut& out, void* ws, cudaStream_t s) {
-    return Forward<T, D>(a, out, ws, s);
+  static cudaError_t Run(const AttentionArgs& a, const AttentionForwardOut& out, cudaStream_t s) {
+    return Forward<T, D>(a, out, s);
   }
 };
 template <typename T, int D>
@@ -1089,9 +1174,8 @@ struct BackwardFn {
 
 }  // namespace
 
-cudaError_t AttentionForward(const AttentionArgs& a, const AttentionForwardOut& out, void* workspace,
-                             cudaStream_t stream) {
-  return Dispatch<ForwardFn>(a, out, workspace, stream);
+cudaError_t AttentionForward(const AttentionArgs& a, const AttentionForwardOut& out, cudaStream_t stream) {
+  return Dispatch<ForwardFn>(a, out, stream);
 }
 
 cudaError_t AttentionBackward(const AttentionArgs& a, const AttentionBackwardArgs& g, void* workspace,

@@ -55,27 +55,6 @@ struct AttentionBackwardArgs {
   void* dv2;
 };
 
-// Key splits of the forward pass: when the query tiles alone cannot fill the GPU (decode: few
-// queries, many keys), the key axis is split and partial results are merged in a second kernel.
-inline int64_t AttentionKeySplits(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv) {
-  constexpr int64_t kQueryRowsPerTile = 128, kKeysPerSplit = 64, kTargetTiles = 264, kMaxSplits = 32;
-  int64_t rows = tq * (hq / hkv);  // the query heads of one KV head share a tile
-  int64_t tiles = batch * hkv * ((rows + kQueryRowsPerTile - 1) / kQueryRowsPerTile);
-  if (tiles * 2 >= kTargetTiles) return 1;
-  int64_t splits = (kTargetTiles + tiles - 1) / tiles;
-  int64_t by_keys = (tk + kKeysPerSplit - 1) / kKeysPerSplit;
-  splits = splits < by_keys ? splits : by_keys;
-  return splits < kMaxSplits ? (splits > 1 ? splits : 1) : kMaxSplits;
-}
-
-// Device scratch (bytes) each CUDA entry point needs, passed in as an XLA result buffer; the CPU
-// handlers ignore it. Pure functions of the shapes so the Python side can size the buffer.
-inline int64_t AttentionForwardWorkspaceBytes(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv,
-                                              int64_t head_dim) {
-  int64_t splits = AttentionKeySplits(batch, tq, tk, hq, hkv);
-  if (splits == 1) return 0;
-  return splits * batch * hq * tq * (head_dim + 2) * int64_t(sizeof(float));  // partial o, max, sum
-}
 // Query splits of the dK / dV backward kernel: with fewer (batch, KV head, key tile) CTAs than the
 // GPU has SMs (MQA at small batch), the query loop of each key tile is split over CTAs that write
 // float32 partial dK / dV, summed in a second kernel (deterministic: fixed order).
@@ -89,6 +68,8 @@ inline int64_t AttentionBackwardQuerySplits(int64_t batch, int64_t tq, int64_t t
   return splits < kMaxSplits ? (splits > 1 ? splits : 1) : kMaxSplits;
 }
 
+// Device scratch (bytes) of the CUDA backward, passed in as an XLA result buffer; the CPU handler
+// ignores it. A pure function of the shapes so the Python side can size the buffer.
 inline int64_t AttentionBackwardWorkspaceBytes(int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv,
                                                int64_t head_dim) {
   // rowsum(do * o) and the lse in log2 units, rounded up to 16 bytes for the float4 reads that follow
@@ -108,8 +89,7 @@ void AttentionBackward(const AttentionArgs& a, const AttentionBackwardArgs& g);
 #if defined(FLASHRT_CUDA) || defined(__CUDACC__)
 #include <cuda_runtime.h>
 namespace fr::cuda {
-cudaError_t AttentionForward(const AttentionArgs& a, const AttentionForwardOut& out, void* workspace,
-                             cudaStream_t stream);
+cudaError_t AttentionForward(const AttentionArgs& a, const AttentionForwardOut& out, cudaStream_t stream);
 cudaError_t AttentionBackward(const AttentionArgs& a, const AttentionBackwardArgs& g, void* workspace,
                               cudaStream_t stream);
 }  // namespace fr::cuda

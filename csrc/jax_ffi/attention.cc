@@ -138,9 +138,8 @@ ffi::Error Launched(const char* op, cudaError_t err) {
 
 ffi::Error AttentionFwdImpl(Stream stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer k2,
                             ffi::AnyBuffer v2, ffi::AnyBuffer q_block, ffi::AnyBuffer k_block, ffi::AnyBuffer k_valid,
-                            ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse,
-                            ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap,
-                            bool has_block_mask, bool has_valid_mask) {
+                            ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, float softmax_scale,
+                            float softcap, bool has_block_mask, bool has_valid_mask) {
   AttentionArgs a{};
   Shape lead;
   if (auto e = Decode(kFwd, q, k, v, k2, v2, q_block, k_block, k_valid, softmax_scale, softcap, has_block_mask,
@@ -150,13 +149,9 @@ ffi::Error AttentionFwdImpl(Stream stream, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   const ffi::DataType type = q.element_type();
   if (auto e = Expect(kFwd, "o", *o, type, TypeName(type), lead, {a.tq, a.hq, a.head_dim}); e.failure()) return e;
   if (auto e = Expect(kFwd, "lse", *lse, ffi::DataType::F32, "float32", lead, {a.hq, a.tq}); e.failure()) return e;
-  if (auto e = CheckWorkspace(kFwd, *workspace,
-                              AttentionForwardWorkspaceBytes(a.batch, a.tq, a.tk(), a.hq, a.hkv, a.head_dim));
-      e.failure())
-    return e;
   AttentionForwardOut out{o->untyped_data(), static_cast<float*>(lse->untyped_data())};
 #ifdef FLASHRT_CUDA
-  return Launched(kFwd, cuda::AttentionForward(a, out, workspace->untyped_data(), stream));
+  return Launched(kFwd, cuda::AttentionForward(a, out, stream));
 #else
   (void)stream;
   cpu::AttentionForward(a, out);
@@ -223,7 +218,6 @@ FLASHRT_DEFINE_HANDLER(AttentionFwd, AttentionFwdImpl,
                        .Arg<ffi::AnyBuffer>()  // k_valid (..., tk1 + tk2) s32 (nonzero: valid), or empty
                        .Ret<ffi::AnyBuffer>()  // o (..., tq, hq, D)
                        .Ret<ffi::AnyBuffer>()  // lse (..., hq, tq) f32
-                       .Ret<ffi::AnyBuffer>()  // workspace (u8), AttentionForwardWorkspaceBytes
                        .Attr<float>("softmax_scale")
                        .Attr<float>("softcap")  // 0: off
                        .Attr<bool>("has_block_mask")

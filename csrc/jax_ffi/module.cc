@@ -1,10 +1,8 @@
 // The Python module (flashrt_jax._cpu or flashrt_jax._cuda, from the same source): the table of FFI
 // targets for its platform and the FFI API version it was compiled against.
 #include <nanobind/nanobind.h>
-#include <nanobind/stl/string.h>
 
-#include <stdexcept>
-#include <string>
+#include <type_traits>
 
 #include "attention/attention.h"
 #include "gemm/fp8_gemm.h"
@@ -53,15 +51,7 @@ NB_MODULE(FLASHRT_MODULE_NAME, m) {
   });
   m.attr("ffi_api_version") = nb::make_tuple(XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR);
   m.attr("gemm_workspace_bytes") = fr::kGemmWorkspaceBytes;
-  // Bytes of the workspace result of flashrt_attention_{fwd,bwd} for the CUDA kernels (attention.h).
-  m.def(
-      "attention_workspace_bytes",
-      [](const std::string& kind, int64_t batch, int64_t tq, int64_t tk, int64_t hq, int64_t hkv,
-         int64_t head_dim) -> int64_t {
-        if (kind == "fwd") return fr::AttentionForwardWorkspaceBytes(batch, tq, tk, hq, hkv, head_dim);
-        if (kind == "bwd") return fr::AttentionBackwardWorkspaceBytes(batch, tq, tk, hq, hkv, head_dim);
-        throw std::invalid_argument("attention_workspace_bytes: kind must be 'fwd' or 'bwd', got '" + kind + "'");
-      },
-      nb::arg("kind"), nb::arg("batch"), nb::arg("tq"), nb::arg("tk"), nb::arg("hq"), nb::arg("hkv"),
-      nb::arg("head_dim"));
+  // Bytes of the workspace result of flashrt_attention_bwd for the CUDA kernels (attention.h).
+  m.def("attention_bwd_workspace_bytes", &fr::AttentionBackwardWorkspaceBytes, nb::arg("batch"), nb::arg("tq"),
+        nb::arg("tk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("head_dim"));
 }

@@ -17,9 +17,9 @@ from flashrt_jax import ffi as _ffi
 _CPU_WORKSPACE_BYTES = 16  # the CPU handlers need none; XLA still wants a buffer
 
 
-def workspace_bytes(kind: str, batch: int, tq: int, tk: int, hq: int, hkv: int, head_dim: int) -> int:
-  """Scratch bytes of the CUDA kernels ("fwd" or "bwd"), from attention.h through the compiled module."""
-  return int(_ffi._MODULES["cpu"].attention_workspace_bytes(kind, batch, tq, tk, hq, hkv, head_dim))
+def bwd_workspace_bytes(batch: int, tq: int, tk: int, hq: int, hkv: int, head_dim: int) -> int:
+  """Scratch bytes of the CUDA backward, from attention.h through the compiled module."""
+  return int(_ffi._MODULES["cpu"].attention_bwd_workspace_bytes(batch, tq, tk, hq, hkv, head_dim))
 
 
 def _attrs(softmax_scale, softcap, has_block_mask, has_valid_mask):
@@ -28,39 +28,36 @@ def _attrs(softmax_scale, softcap, has_block_mask, has_valid_mask):
               has_block_mask=np.bool_(has_block_mask), has_valid_mask=np.bool_(has_valid_mask))
 
 
-def _call(target, results, kind, sizes, operands, attrs):
-  """ffi_call with the workspace as a last, dropped result; vmapped axes become leading batch axes,
-  which the handler folds into its batch (the workspace, sized per call, then covers them)."""
-  def with_workspace(nbytes):
-    def run(*ops):
-      out = jax.ffi.ffi_call(target, results + (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),),
-                             vmap_method="broadcast_all")(*ops, **attrs)
-      return tuple(out[:-1])
-    return run
-
-  cuda_bytes = max(_CPU_WORKSPACE_BYTES, workspace_bytes(kind, *sizes))
-  return jax.lax.platform_dependent(*operands, cpu=with_workspace(_CPU_WORKSPACE_BYTES),
-                                    default=with_workspace(cuda_bytes))
-
-
 def attention_fwd(q, k, v, k2, v2, q_block, k_block, k_valid, *, softmax_scale: float, softcap: float,
                   has_block_mask: bool, has_valid_mask: bool):
   """q (B, Tq, Hq, D); k, v (B, Tk1, Hkv, D); k2, v2 (B, Tk2, Hkv, D); masks int32 (B, Tq) / (B, Tk)
   or empty -> o (B, Tq, Hq, D), lse (B, Hq, Tq) float32."""
-  b, tq, hq, d = q.shape
-  tk, hkv = k.shape[1] + k2.shape[1], k.shape[2]
-  results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tq), jnp.float32))
-  return _call("flashrt_attention_fwd", results, "fwd", (b, tq, tk, hq, hkv, d),
-               (q, k, v, k2, v2, q_block, k_block, k_valid),
-               _attrs(softmax_scale, softcap, has_block_mask, has_valid_mask))
+  results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:1] + (q.shape[2], q.shape[1]),
+                                                                           jnp.float32))
+  # vmapped axes become leading batch axes, which the handler folds into its batch.
+  call = jax.ffi.ffi_call("flashrt_attention_fwd", results, vmap_method="broadcast_all")
+  return tuple(call(q, k, v, k2, v2, q_block, k_block, k_valid,
+                    **_attrs(softmax_scale, softcap, has_block_mask, has_valid_mask)))
 
 
 def attention_bwd(q, k, v, k2, v2, q_block, k_block, k_valid, o, lse, d_o, *, softmax_scale: float,
                   softcap: float, has_block_mask: bool, has_valid_mask: bool):
-  """The forward's operands plus o, lse and the output cotangent d_o -> dq, dk, dv, dk2, dv2."""
+  """The forward's operands plus o, lse and the output cotangent d_o -> dq, dk, dv, dk2, dv2.
+
+  The CUDA kernels' scratch is a last, dropped uint8 result; vmapped axes become leading batch axes,
+  which the handler folds into its batch (the workspace, sized per call, then covers them)."""
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1] + k2.shape[1], k.shape[2]
   results = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, k2, v2))
-  return _call("flashrt_attention_bwd", results, "bwd", (b, tq, tk, hq, hkv, d),
-               (q, k, v, k2, v2, q_block, k_block, k_valid, o, lse, d_o),
-               _attrs(softmax_scale, softcap, has_block_mask, has_valid_mask))
+  attrs = _attrs(softmax_scale, softcap, has_block_mask, has_valid_mask)
+
+  def with_workspace(nbytes):
+    def run(*ops):
+      out = jax.ffi.ffi_call("flashrt_attention_bwd", results + (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),),
+                             vmap_method="broadcast_all")(*ops, **attrs)
+      return tuple(out[:-1])
+    return run
+
+  cuda_bytes = max(_CPU_WORKSPACE_BYTES, bwd_workspace_bytes(b, tq, tk, hq, hkv, d))
+  return jax.lax.platform_dependent(q, k, v, k2, v2, q_block, k_block, k_valid, o, lse, d_o,
+                                    cpu=with_workspace(_CPU_WORKSPACE_BYTES), default=with_workspace(cuda_bytes))
