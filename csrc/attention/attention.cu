@@ -259,6 +259,16 @@ __device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, 
                                               int64_t row0, int nrows) {
   constexpr int kChunks = D / 8, kStep = kN / kChunks;
   const int c = threadIdx.x % kChunks;
+  if (p.hkv == 1) {  // MQA: the folded rows are the array's rows, walked with a fixed stride
+    const int r0 = threadIdx.x / kChunks;
+    const char* g = src + ((int64_t(b) * p.rows + row0 + r0) * D + c * 8) * 2;
+#pragma unroll
+    for (int r = r0; r < nrows; r += kStep, g += kStep * D * 2) {
+      const bool ok = row0 + r < p.rows;
+      CpAsync16(dst.Addr(r, c), ok ? g : src, ok);
+    }
+    return;
+  }
   int r = threadIdx.x / kChunks, t = (int(row0) + r) / p.group, hh = int(row0) + r - t * p.group;
   const char* g = src + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + hh) + c * 8) * 2;
   const int64_t next_t = int64_t(p.hq - p.group) * D * 2;  // from past the group's heads to the next t
