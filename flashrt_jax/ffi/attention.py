@@ -32,8 +32,8 @@ def attention_fwd(q, k, v, k2, v2, q_block, k_block, k_valid, *, softmax_scale: 
                   has_block_mask: bool, has_valid_mask: bool):
   """q (B, Tq, Hq, D); k, v (B, Tk1, Hkv, D); k2, v2 (B, Tk2, Hkv, D); masks int32 (B, Tq) / (B, Tk)
   or empty -> o (B, Tq, Hq, D), lse (B, Hq, Tq) float32."""
-  results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:1] + (q.shape[2], q.shape[1]),
-                                                                           jnp.float32))
+  b, tq, hq, _ = q.shape
+  results = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tq), jnp.float32))
   # vmapped axes become leading batch axes, which the handler folds into its batch.
   call = jax.ffi.ffi_call("flashrt_attention_fwd", results, vmap_method="broadcast_all")
   return tuple(call(q, k, v, k2, v2, q_block, k_block, k_valid,
