@@ -251,6 +251,19 @@ __device__ __forceinline__ const char* KeyRow(const Params& p, const char* src1,
   return nullptr;
 }
 
+// Issues the cp.async of one 16-byte chunk per row r = r0, r0 + kStep, ... < nrows of `dst` from rows
+// `stride` bytes apart starting at `g`; rows with first + r >= limit are zero-filled (read from
+// `fallback`: nothing, at a valid global address).
+template <int kStep>
+__device__ __forceinline__ void LoadStridedRows(const Tile& dst, int c, int r0, int nrows, int64_t first,
+                                                int64_t limit, const char* g, int64_t stride, const char* fallback) {
+#pragma unroll
+  for (int r = r0; r < nrows; r += kStep, g += stride) {
+    const bool ok = first + r < limit;
+    CpAsync16(dst.Addr(r, c), ok ? g : fallback, ok);
+  }
+}
+
 // Loads rows [row0, row0 + nrows) of a (batch, tq, hq, D) array for folded rows of KV head h into
 // `dst`, zero-filling rows past the end. Each of the kN threads keeps one 16-byte column chunk, and
 // its folded row (t, head in group) is divided out once and then advanced, not divided per row.
@@ -262,11 +275,7 @@ __device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, 
   if (p.hkv == 1) {  // MQA: the folded rows are the array's rows, walked with a fixed stride
     const int r0 = threadIdx.x / kChunks;
     const char* g = src + ((int64_t(b) * p.rows + row0 + r0) * D + c * 8) * 2;
-#pragma unroll
-    for (int r = r0; r < nrows; r += kStep, g += kStep * D * 2) {
-      const bool ok = row0 + r < p.rows;
-      CpAsync16(dst.Addr(r, c), ok ? g : src, ok);
-    }
+    LoadStridedRows<kStep>(dst, c, r0, nrows, row0, p.rows, g, kStep * D * 2, src);
     return;
   }
   int r = threadIdx.x / kChunks, t = (int(row0) + r) / p.group, hh = int(row0) + r - t * p.group;
@@ -294,9 +303,7 @@ __device__ __forceinline__ void LoadKeyRows(const Params& p, const char* src1, c
   if (j0 + kKeysPerTile <= p.tk1) {
     const int r0 = threadIdx.x / kChunks;
     const char* g = src1 + RowOffset<D>(b, j0 + r0, p.tk1, p.hkv, h) * 2 + c * 16;
-    const int64_t stride = int64_t(kStep) * p.hkv * D * 2;
-#pragma unroll
-    for (int r = r0; r < kKeysPerTile; r += kStep, g += stride) CpAsync16(dst.Addr(r, c), g, true);
+    LoadStridedRows<kStep>(dst, c, r0, kKeysPerTile, 0, kKeysPerTile, g, int64_t(kStep) * p.hkv * D * 2, src1);
     return;
   }
   for (int r = threadIdx.x / kChunks; r < kKeysPerTile; r += kStep) {
@@ -305,13 +312,18 @@ __device__ __forceinline__ void LoadKeyRows(const Params& p, const char* src1, c
   }
 }
 
+// Stores the effective blocks of key tile `tile`'s keys (threads 0..63).
+__device__ __forceinline__ void StoreKeyEff(const Params& p, int* eff, int b, int tile) {
+  if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile) * kKeysPerTile + threadIdx.x);
+}
+
 // Loads the K and V rows of key tile `tile` and the keys' effective blocks.
 template <int D, int kN>
 __device__ __forceinline__ void LoadKeyTile(const Params& p, const Tile& k, const Tile& v, int* eff, int b, int h,
                                             int tile) {
   LoadKeyRows<D, kN>(p, p.k, p.k2, k, b, h, tile);
   LoadKeyRows<D, kN>(p, p.v, p.v2, v, b, h, tile);
-  if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile) * kKeysPerTile + threadIdx.x);
+  StoreKeyEff(p, eff, b, tile);
 }
 
 // Lists the key tiles in [begin, end) that any query with block in [qmin, qmax] sees, flagging
@@ -428,7 +440,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   };
   if (ready == 0 && n > 0) {
     LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
-    if (threadIdx.x < kKeysPerTile) eff[threadIdx.x] = KeyEff(p, b, int64_t(tile_of(0)) * kKeysPerTile + threadIdx.x);
+    StoreKeyEff(p, eff, b, tile_of(0));
   }
   CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
@@ -439,8 +451,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     // Issuing these after the MMAs below measured slower (786 vs 697 us at pi0.5 B 32).
     if (it + 1 < n && it + 1 >= ready) {
       LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
-      if (threadIdx.x < kKeysPerTile)
-        eff[(st ^ 1) * kKeysPerTile + threadIdx.x] = KeyEff(p, b, int64_t(tile_of(it + 1)) * kKeysPerTile + threadIdx.x);
+      StoreKeyEff(p, eff + (st ^ 1) * kKeysPerTile, b, tile_of(it + 1));
     }
     if (it >= ready) LoadKeyRows<D, kFwdRows * 2>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
     CpAsyncCommit();
@@ -1043,10 +1054,8 @@ KernelState& StateOf(const void* kernel, int device) {  // call with kernel_stat
 }
 
 template <typename K>
-cudaError_t SetSmem(K kernel, int bytes) {
+cudaError_t SetSmem(K kernel, int bytes, int device) {
   if (bytes > kMaxSmemBytes) return cudaErrorInvalidValue;  // too many tiles to list (very long sequence)
-  int device = 0;
-  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   std::lock_guard<std::mutex> lock(kernel_state_mu);
   KernelState& state = StateOf(reinterpret_cast<const void*>(kernel), device);
   if (bytes <= state.smem_granted) return cudaSuccess;
@@ -1056,23 +1065,37 @@ cudaError_t SetSmem(K kernel, int bytes) {
   return cudaSuccess;
 }
 
+// Whether one cluster of `config` (16 CTAs, a non-portable size) fits on the device; asked once per
+// kernel, device and shared-memory size.
+template <typename K>
+bool WideClusterFits(K kernel, const cudaLaunchConfig_t& config, int device) {
+  std::lock_guard<std::mutex> lock(kernel_state_mu);
+  KernelState& state = StateOf(reinterpret_cast<const void*>(kernel), device);
+  if (state.wide_cluster < 0 || state.wide_cluster_smem != int(config.dynamicSmemBytes)) {
+    int fits = 0;
+    const bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+                    cudaOccupancyMaxActiveClusters(&fits, kernel, &config) == cudaSuccess;
+    if (!ok) cudaGetLastError();  // clear the query's error
+    state.wide_cluster = ok && fits > 0, state.wide_cluster_smem = int(config.dynamicSmemBytes);
+  }
+  return state.wide_cluster != 0;
+}
+
 int ListBytes(int n) { return ((n + 1) & ~1) + 2 * n + 16; }
 
 // Key splits of the forward pass: when the 128-row query tiles fill less than half the GPU (decode:
 // few queries, many keys), as many key ranges as keep every CTA in the first wave, at least one key
 // tile each and at most 16 (the largest cluster; LaunchForward falls back to the portable 8).
-int KeySplits(const Params& p, int n_tiles) {
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sms = 132;  // H100 SXM
+int KeySplits(const Params& p, int n_tiles, int device) {
+  int sms = 132;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;  // H100 SXM
   const int64_t row_tiles = int64_t(p.batch) * p.hkv * ((p.rows + 127) / 128);
   if (row_tiles * 2 > sms) return 1;
   return int(std::max<int64_t>(1, std::min<int64_t>({sms / row_tiles, n_tiles, 16})));
 }
 
 template <typename T, int D, int kRows>
-cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, int splits, int n_tiles,
+cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, int splits, int n_tiles, int device,
                           cudaStream_t stream) {
   constexpr int kPortableCluster = 8;
   auto kernel = ForwardKernel<T, D, kRows>;
@@ -1089,30 +1112,12 @@ cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, int s
     config.dynamicSmemBytes = FwdSmemBytes<D, kRows>() + ListBytes(per_split);
     cluster.val.clusterDim.x = 1, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = unsigned(splits);
     config.numAttrs = splits > 1 ? 1 : 0;
-    return SetSmem(kernel, int(config.dynamicSmemBytes));
+    return SetSmem(kernel, int(config.dynamicSmemBytes), device);
   };
   if (cudaError_t e = configure(); e != cudaSuccess) return e;
-  if (splits > kPortableCluster) {  // a non-portable cluster size, where the GPU can hold one
-    int device = 0;
-    if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-    bool wide = false;
-    {
-      std::lock_guard<std::mutex> lock(kernel_state_mu);
-      KernelState& state = StateOf(reinterpret_cast<const void*>(kernel), device);
-      if (state.wide_cluster < 0 || state.wide_cluster_smem != int(config.dynamicSmemBytes)) {
-        int fits = 0;
-        const bool ok =
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
-            cudaOccupancyMaxActiveClusters(&fits, kernel, &config) == cudaSuccess;
-        if (!ok) cudaGetLastError();  // clear the query's error
-        state.wide_cluster = ok && fits > 0, state.wide_cluster_smem = int(config.dynamicSmemBytes);
-      }
-      wide = state.wide_cluster != 0;
-    }
-    if (!wide) {
-      splits = kPortableCluster;
-      if (cudaError_t e = configure(); e != cudaSuccess) return e;
-    }
+  if (splits > kPortableCluster && !WideClusterFits(kernel, config, device)) {
+    splits = kPortableCluster;
+    if (cudaError_t e = configure(); e != cudaSuccess) return e;
   }
   return cudaLaunchKernelEx(&config, kernel, p, out, per_split);
 }
@@ -1120,17 +1125,22 @@ cudaError_t LaunchForward(const Params& p, const AttentionForwardOut& out, int s
 template <typename T, int D>
 cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, cudaStream_t stream) {
   const Params p = MakeParams(a);
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   const int n_tiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
-  const int splits = KeySplits(p, n_tiles);
+  const int splits = KeySplits(p, n_tiles, device);
   // Few rows (decode): 64-row CTAs spread them wider; measured slower for a 968-token prefix.
-  const cudaError_t e = splits > 1 && p.rows <= 1024 ? LaunchForward<T, D, 64>(p, out, splits, n_tiles, stream)
-                                                     : LaunchForward<T, D, 128>(p, out, splits, n_tiles, stream);
+  const cudaError_t e = splits > 1 && p.rows <= 1024
+                            ? LaunchForward<T, D, 64>(p, out, splits, n_tiles, device, stream)
+                            : LaunchForward<T, D, 128>(p, out, splits, n_tiles, device, stream);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t Backward(const AttentionArgs& a, const AttentionBackwardArgs& g, void* workspace, cudaStream_t stream) {
   const Params p = MakeParams(a);
+  int device = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   const int64_t rows_total = int64_t(p.batch) * p.tq * p.hq;
   float* delta = static_cast<float*>(workspace);
   float* lse2 = delta + rows_total;
@@ -1142,7 +1152,7 @@ cudaError_t Backward(const AttentionArgs& a, const AttentionBackwardArgs& g, voi
   float* partial = splits > 1 ? delta + (2 * rows_total + 3) / 4 * 4 : nullptr;  // 16-byte aligned
   const int kv_smem = BwdKVSmemBytes<D>() + ListBytes(n_qtiles);
   auto kv_kernel = BackwardKVKernel<T, D>;
-  if (cudaError_t e = SetSmem(kv_kernel, kv_smem); e != cudaSuccess) return e;
+  if (cudaError_t e = SetSmem(kv_kernel, kv_smem, device); e != cudaSuccess) return e;
   kv_kernel<<<dim3(unsigned(n_ktiles), unsigned(p.batch * p.hkv), unsigned(splits)), kThreads, kv_smem, stream>>>(
       p, g, delta, lse2, partial);
   if (splits > 1) {
@@ -1153,7 +1163,7 @@ cudaError_t Backward(const AttentionArgs& a, const AttentionBackwardArgs& g, voi
 
   const int q_smem = BwdQSmemBytes<D>() + ListBytes(n_ktiles);
   auto q_kernel = BackwardQKernel<T, D>;
-  if (cudaError_t e = SetSmem(q_kernel, q_smem); e != cudaSuccess) return e;
+  if (cudaError_t e = SetSmem(q_kernel, q_smem, device); e != cudaSuccess) return e;
   q_kernel<<<dim3(unsigned(n_qtiles), unsigned(p.batch * p.hkv)), kThreads, q_smem, stream>>>(p, g, delta, lse2);
   return cudaGetLastError();
 }
