@@ -3,7 +3,9 @@
 Sections (each timed side by side in this one process):
   raw       fp8_gemm vs XLA's native FP8 dot (weight (N, K) and (K, N)) and XLA BF16 jnp.dot
   forward   fp8_dense vs XLA BF16, Flax's FP8 layer (nn.Fp8DirectDotGeneralOp) and a pure-JAX FP8 layer
-  backward  forward + backward of the same
+  backward  the layer's VJP (dx, or dx and dW) without its primal output: XLA drops the forward GEMM
+            and keeps the passes that make the residuals. The report adds forward and backward rows
+            into forward + backward.
   crossover fp8_dense vs XLA BF16 over small M: where the FP8 path starts to pay
   accuracy  forward error vs float32 for fast_accum on/off and per-tensor vs per-row scaling
   memory    device bytes held by a frozen FP8 weight, per parameter
@@ -15,6 +17,7 @@ Writes benchmarks/results/<gpu>/gemm.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -30,7 +33,8 @@ import flashrt_jax as fr  # noqa: E402
 BF16, E4M3 = jnp.bfloat16, jnp.float8_e4m3fn
 NK = (((1,), (1,)), ((), ()))  # contract x's K with a (N, K) weight's K
 KN = (((1,), (0,)), ((), ()))
-ALWAYS_FP8 = fr.Fp8Recipe(min_rows=0)
+ALWAYS_FP8 = fr.Fp8Recipe(min_rows=0)  # the FP8 path at every shape; scales per tensor (trainable), per row (frozen)
+FROZEN_TENSOR = fr.Fp8Recipe(min_rows=0, granularity="tensor")
 
 # (M, K, N): pi0.5 backbone at B=32 (M=30976) and B=4 (3872), action expert (1600, 200), inference.
 TRAIN_SHAPES = [(m, k, n) for m in (30976, 3872) for k, n in ((2048, 2048), (2048, 512), (2048, 16384), (16384, 2048))]
@@ -109,32 +113,38 @@ def bench_raw(shapes, save):
 
 def _layer_variants(m, k, n, backward: bool):
   """name -> (fn, input-set builder, flops)."""
-  fwd_flops, train_flops, dx_flops = 2 * m * k * n, 6 * m * k * n, 4 * m * k * n
+  fwd_flops, dx_dw_flops, dx_flops = 2 * m * k * n, 4 * m * k * n, 2 * m * k * n  # backward: dx (+ dW) GEMMs only
   layer = flax_fp8_layer(n)
 
-  def cotangent(i):  # only the backward section differentiates
-    return common.random_normal(jax.random.key(100 + i), (m, n), BF16) if backward else None
-
+  # Input set i is built once per shape and shared by the variants (building it dominated run time).
+  @functools.cache
   def dense_sets(i):
-    x, w = make_inputs(m, k, n, i)
-    return x, w, cotangent(i)
+    ct = common.random_normal(jax.random.key(100 + i), (m, n), BF16) if backward else None
+    return (*make_inputs(m, k, n, i), ct)
 
+  @functools.cache
   def frozen_sets(i):
-    x, w = make_inputs(m, k, n, i)
-    return x, fr.Fp8Weight.from_kernel(w), cotangent(i)
+    x, w, ct = dense_sets(i)
+    return x, fr.Fp8Weight.from_kernel(w), ct
 
   def flax_sets(i):
-    x, w = make_inputs(m, k, n, i)
+    x, w, ct = dense_sets(i)
     params = jax.jit(layer.init)(jax.random.key(i), x)
     params["params"]["kernel"] = w
-    return x, params, cotangent(i)
+    return x, params, ct
 
-  frozen_row = fr.Fp8Recipe(min_rows=0, granularity="row")
+  def fp8_input_sets(i):  # the activation as a fused producer (rms_norm_fp8, glu_fp8) hands it over
+    x, w, ct = frozen_sets(i)
+    return fr.Fp8Activation(*fr.quantize(x, granularity="row")), w, ct
+
   v = {}
   if not backward:
-    v["flashrt fp8_dense trainable"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), dense_sets, fwd_flops)
-    v["flashrt fp8_dense frozen"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), frozen_sets, fwd_flops)
-    v["flashrt fp8_dense frozen row"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=frozen_row), frozen_sets, fwd_flops)
+    v["flashrt trainable"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), dense_sets, fwd_flops)
+    v["flashrt trainable routed"] = (lambda x, w, ct: fr.fp8_dense(x, w), dense_sets, fwd_flops)
+    v["flashrt frozen tensor"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=FROZEN_TENSOR), frozen_sets, fwd_flops)
+    v["flashrt frozen row"] = (lambda x, w, ct: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), frozen_sets, fwd_flops)
+    v["flashrt frozen routed"] = (lambda x, w, ct: fr.fp8_dense(x, w), frozen_sets, fwd_flops)
+    v["flashrt frozen fp8 input"] = (lambda x, w, ct: fr.fp8_dense(x, w), fp8_input_sets, fwd_flops)
     v["xla bf16"] = (lambda x, w, ct: xla_bf16(x, w), dense_sets, fwd_flops)
     v["pure-jax fp8 frozen"] = (lambda x, w, ct: pure_jax_fp8(x, w.data, w.scale), frozen_sets, fwd_flops)
     v["pure-jax fp8 frozen row"] = (lambda x, w, ct: pure_jax_fp8(x, w.data, w.scale, True), frozen_sets, fwd_flops)
@@ -145,14 +155,15 @@ def _layer_variants(m, k, n, backward: bool):
       if wrt_weight:
         return lambda x, w, ct: jax.vjp(f, x, w)[1](ct)
       return lambda x, w, ct: jax.vjp(lambda x_: f(x_, w), x)[1](ct)
-    v["flashrt trainable dx+dW"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), True), dense_sets, train_flops)
-    v["flashrt frozen dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), False), frozen_sets, dx_flops)
-    v["flashrt frozen row dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=frozen_row), False), frozen_sets, dx_flops)
-    v["xla bf16 dx+dW"] = (grads(xla_bf16, True), dense_sets, train_flops)
+    v["flashrt trainable dx+dW"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), True), dense_sets, dx_dw_flops)
+    v["flashrt frozen tensor dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=FROZEN_TENSOR), False), frozen_sets,
+                                     dx_flops)
+    v["flashrt frozen row dx"] = (grads(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), False), frozen_sets, dx_flops)
+    v["xla bf16 dx+dW"] = (grads(xla_bf16, True), dense_sets, dx_dw_flops)
     v["xla bf16 dx"] = (grads(xla_bf16, False), dense_sets, dx_flops)
     v["pure-jax fp8 frozen dx"] = (grads(lambda x, w: pure_jax_fp8(x, w.data, w.scale), False), frozen_sets, dx_flops)
     if layer is not None:
-      v["flax fp8 layer dx+dW"] = (grads(lambda x, p: layer.apply(p, x), True), flax_sets, train_flops)
+      v["flax fp8 layer dx+dW"] = (grads(lambda x, p: layer.apply(p, x), True), flax_sets, dx_dw_flops)
   return v
 
 
@@ -165,9 +176,9 @@ def bench_layers(shapes, backward: bool, save):
       s = common.time_op(fn, rotated(sets_fn, bytes_per_set, 8))
       t[name], tflops[name] = s * 1e6, flops / s / 1e12
     rows.append({"shape": [m, k, n], "us": t, "tflops": tflops})
-    base = "xla bf16 dx+dW" if backward else "xla bf16"
-    print(f"{'fwd+bwd' if backward else 'fwd'} {m}x{k}x{n}: "
-          + ", ".join(f"{v} {t[base] / s:.2f}x" for v, s in t.items()), flush=True)
+    base = backward_base if backward else (lambda v: "xla bf16")
+    print(f"{'bwd' if backward else 'fwd'} {m}x{k}x{n}: "
+          + ", ".join(f"{v} {t[base(v)] / s:.2f}x" for v, s in t.items()), flush=True)
     save(rows)
   return rows
 
@@ -240,22 +251,125 @@ def bench_memory(k=16384, n=2048):
   return out
 
 
+TARGET_SHAPES = ([30976, 2048, 16384], [30976, 16384, 2048], [3872, 2048, 16384])
+
+
+def backward_base(variant):
+  """The XLA BF16 row a backward variant is compared with: the one computing the same gradients."""
+  return "xla bf16 dx" if variant.endswith(" dx") else "xla bf16 dx+dW"
+
+
+# forward + backward = a forward column plus the backward column of the same layer.
+TRAIN_STEP_PAIRS = {
+    "flashrt frozen row (dx)": ("flashrt frozen row", "flashrt frozen row dx"),
+    "flashrt frozen tensor (dx)": ("flashrt frozen tensor", "flashrt frozen tensor dx"),
+    "xla bf16 (dx)": ("xla bf16", "xla bf16 dx"),
+    "flashrt trainable (dx+dW)": ("flashrt trainable", "flashrt trainable dx+dW"),
+    "flax fp8 layer (dx+dW)": ("flax fp8 layer", "flax fp8 layer dx+dW"),
+    "xla bf16 (dx+dW)": ("xla bf16", "xla bf16 dx+dW"),
+}
+
+
+def train_step_rows(results):
+  """Forward + backward µs per shape measured in both sections: {"shape", "us": {pair name: µs}}."""
+  fwd = {tuple(r["shape"]): r["us"] for r in results.get("forward", [])}
+  rows = []
+  for r in results.get("backward", []):
+    f = fwd.get(tuple(r["shape"]))
+    if f is not None:
+      rows.append({"shape": r["shape"], "us": {name: f[a] + r["us"][b] for name, (a, b) in TRAIN_STEP_PAIRS.items()
+                                               if a in f and b in r["us"]}})
+  return rows
+
+
+def train_step_base(name):
+  return "xla bf16 (dx)" if name.endswith("(dx)") else "xla bf16 (dx+dW)"
+
+
+def targets(results):
+  """[target, measured (worst case and where), met] for the targets of the FP8 GEMM issue."""
+  rows = []
+  shape = lambda r: "×".join(map(str, r["shape"]))
+
+  def worst(section, ratio, keep=lambda r: True):
+    vals = [(ratio(r), shape(r)) for r in results.get(section, []) if keep(r)]
+    return min(vals) if vals else None
+
+  def add(name, goal, found):
+    if found is not None:
+      rows.append([name, f"{found[0]:.3f} ({found[1]})", "yes" if found[0] >= goal else "no"])
+
+  raw = lambda a, b: lambda r: r["tflops"][a] / r["tflops"][b]
+  add("raw fp8_gemm >= 0.97x XLA FP8 dot, weight (N, K)", 0.97, worst("raw", raw("flashrt fp8_gemm", "xla fp8 (N,K)")))
+  found = worst("raw", lambda r: r["tflops"]["flashrt fp8_gemm"] / 1100, lambda r: r["shape"] in TARGET_SHAPES[:2])
+  if found is not None:
+    rows.append(["raw fp8_gemm >= 1100 TFLOP/s at 30976×2048×16384, 30976×16384×2048",
+                 f"{found[0] * 1100:.0f} TFLOP/s ({found[1]})", "yes" if found[0] >= 1 else "no"])
+  fwd = lambda a, b: lambda r: r["us"][b] / r["us"][a]
+  fp8_shapes = lambda frozen: lambda r: fr.takes_fp8_path(*r["shape"], frozen=frozen)
+  for variant, frozen in (("flashrt frozen row", True), ("flashrt trainable", False)):
+    add(f"{variant} forward >= 1.05x Flax FP8 layer (shapes routed to FP8)", 1.05,
+        worst("forward", fwd(variant, "flax fp8 layer"), fp8_shapes(frozen)))
+  for variant, pure in (("flashrt frozen tensor", "pure-jax fp8 frozen"), ("flashrt frozen row", "pure-jax fp8 frozen row")):
+    add(f"{variant} forward >= 1.05x {pure} (shapes routed to FP8)", 1.05,
+        worst("forward", fwd(variant, pure), fp8_shapes(True)))
+  for variant in ("flashrt frozen row", "flashrt trainable", "flashrt frozen fp8 input"):
+    add(f"{variant} forward >= 1.7x XLA BF16 at the three large shapes", 1.7,
+        worst("forward", fwd(variant, "xla bf16"), lambda r: r["shape"] in TARGET_SHAPES))
+  results = dict(results, train_step=train_step_rows(results))
+  for variant in ("flashrt frozen row (dx)", "flashrt frozen tensor (dx)"):
+    add(f"{variant} forward + backward >= 1.5x XLA BF16 forward + dx at the three large shapes", 1.5,
+        worst("train_step", fwd(variant, "xla bf16 (dx)"), lambda r: r["shape"] in TARGET_SHAPES))
+  for variant, frozen in (("flashrt trainable routed", False), ("flashrt frozen routed", True)):
+    add(f"{variant} (default recipe) forward >= 1.0x XLA BF16, shapes routed to FP8", 1.0,
+        worst("forward", fwd(variant, "xla bf16"), fp8_shapes(frozen)))
+    # Routed to XLA, a trainable layer runs XLA's own dot (the same HLO: noise only); a frozen one
+    # dequantizes its FP8 weight first.
+    add(f"{variant} (default recipe) forward >= 1.0x XLA BF16, shapes routed to XLA", 1.0,
+        worst("forward", fwd(variant, "xla bf16"), lambda r, f=frozen: not fr.takes_fp8_path(*r["shape"], frozen=f)))
+  if "memory" in results:
+    b = results["memory"]["frozen Fp8Weight bytes/param"]
+    rows.append(["frozen Fp8Weight holds 1 byte per weight (device memory stats)", f"{b:.4f}",
+                 "yes" if b < 1.01 else "no"])
+  return rows
+
+
 def write_report(results, out_dir):
   md = [f"# FP8 GEMM benchmarks ({common.device_name()}, jax {jax.__version__})\n",
         "Times are medians per call with Python dispatch excluded (benchmarks/common.py). "
-        "Speed-up = XLA BF16 time / variant time.\n"]
+        "Speed-up = XLA BF16 time / variant time. `routed`: the default recipe, which sends shapes where "
+        "FP8 does not pay to XLA's dot (`takes_fp8_path`); the other flashrt columns take the FP8 path "
+        "at every shape. `fp8 input`: the activation arrives quantized per row, as the fused producers "
+        "(rms_norm_fp8, glu_fp8) hand it over.\n"]
+  rows = targets(results)
+  if rows:
+    md.append("\n## Targets\n")
+    md.append(common.md_table(["target", "measured (worst shape)", "met"], rows))
   if "raw" in results:
     md.append("\n## Raw GEMM (TFLOP/s)\n")
     names = list(results["raw"][0]["tflops"])
     md.append(common.md_table(["M×K×N"] + names + ["fp8_gemm / xla fp8 (N,K)"],
                               [["×".join(map(str, r["shape"]))] + [r["tflops"][v] for v in names]
                                + [r["tflops"]["flashrt fp8_gemm"] / r["tflops"]["xla fp8 (N,K)"]] for r in results["raw"]]))
-  for sec, base in (("forward", "xla bf16"), ("backward", "xla bf16 dx+dW")):
+  for sec in ("forward", "backward"):
     if sec in results:
       names = list(results[sec][0]["us"])
-      md.append(f"\n## {'Forward' if sec == 'forward' else 'Forward + backward'}: µs (speed-up over {base})\n")
+      base = (lambda v: "xla bf16") if sec == "forward" else backward_base
+      what = ("Forward: µs (speed-up over xla bf16)" if sec == "forward" else
+              "Backward: µs (speed-up over the XLA BF16 column computing the same gradients: dx+dW or dx)")
+      md.append(f"\n## {what}\n")
+      if sec == "backward":
+        md.append("The layer's VJP given dy, without its primal output: XLA drops the forward GEMM and keeps "
+                  "the passes that make the residuals (a trainable layer's transposing quantizes).\n\n")
       md.append(common.md_table(["M×K×N"] + names, [["×".join(map(str, r["shape"]))] + [
-          f"{r['us'][v]:.0f} ({r['us'][base] / r['us'][v]:.2f}×)" for v in names] for r in results[sec]]))
+          f"{r['us'][v]:.0f} ({r['us'][base(v)] / r['us'][v]:.2f}×)" for v in names] for r in results[sec]]))
+  steps = train_step_rows(results)
+  if steps:
+    names = list(steps[0]["us"])
+    md.append("\n## Forward + backward: µs, the forward column plus the backward column of the same layer "
+              "(speed-up over XLA BF16 with the same gradients)\n")
+    md.append(common.md_table(["M×K×N"] + names, [["×".join(map(str, r["shape"]))] + [
+        f"{r['us'][v]:.0f} ({r['us'][train_step_base(v)] / r['us'][v]:.2f}×)" for v in names] for r in steps]))
   if "crossover" in results:
     md.append("\n## Crossover: fp8_dense vs XLA BF16 forward at small M (µs)\n")
     md.append(common.md_table(["M", "K", "N", "xla bf16", "fp8 trainable", "fp8 frozen"],
@@ -282,15 +396,15 @@ def plot(results, out_dir):
     return
   fig, axes = plt.subplots(len(secs), 1, figsize=(14, 4.5 * len(secs)), squeeze=False)
   for ax, sec in zip(axes[:, 0], secs):
-    base = "xla bf16" if sec == "forward" else "xla bf16 dx+dW"
+    base = (lambda v: "xla bf16") if sec == "forward" else backward_base
     rows = results[sec]
     names = list(rows[0]["us"])
     width = 0.8 / len(names)
     for i, v in enumerate(names):
-      ax.bar(np.arange(len(rows)) + i * width, [r["us"][base] / r["us"][v] for r in rows], width, label=v)
+      ax.bar(np.arange(len(rows)) + i * width, [r["us"][base(v)] / r["us"][v] for r in rows], width, label=v)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(np.arange(len(rows)) + 0.4, ["×".join(map(str, r["shape"])) for r in rows], rotation=30, fontsize=7)
-    ax.set_ylabel(f"speed-up over {base}")
+    ax.set_ylabel("speed-up over XLA BF16 (same gradients)")
     ax.set_title(f"{sec} ({common.device_name()})")
     ax.legend(fontsize=7, ncol=3)
   fig.tight_layout()
@@ -317,7 +431,14 @@ def main():
   results = common.read_results("gemm", out_dir)  # sections run separately (device-time limits) merge
 
   def saver(section):  # rewrite the report after every shape, so a run cut short keeps what it measured
+    earlier = results.get(section, []) if section in ("raw", "forward", "backward") else []
+
     def save(rows):
+      if earlier:  # a run over some shapes replaces those rows of an earlier run and keeps the rest
+        order = [tuple(sh) for sh in (RAW_SHAPES if section == "raw" else TRAIN_SHAPES + INFER_SHAPES)]
+        by_shape = {tuple(r["shape"]): r for r in earlier + rows}
+        rows = sorted(by_shape.values(), key=lambda r: order.index(tuple(r["shape"])) if tuple(r["shape"]) in order
+                      else len(order))
       results[section] = rows
       if section == "crossover":
         results["crossover_m"] = {v: crossover_rows(rows, v) for v in ("fp8 trainable", "fp8 frozen")}

@@ -30,6 +30,7 @@ import common  # noqa: E402
 import flashrt_jax as fr  # noqa: E402
 
 ALWAYS_FP8 = fr.Fp8Recipe(min_rows=0)
+FROZEN_TENSOR = fr.Fp8Recipe(min_rows=0, granularity="tensor")
 
 
 def profile(fn, sets, tag, top=8):
@@ -96,8 +97,11 @@ def main():
              common.random_normal(jax.random.key(100 + i), (k, n), jnp.bfloat16, 0.02))
             for i in range(common.copies_for(2 * (m * k + k * n + m * n), 8))]
     frozen = [(x, fr.Fp8Weight.from_kernel(w)) for x, w in sets]
+    fp8_input = [(fr.Fp8Activation(*fr.quantize(x, granularity="row")), w) for x, w in frozen]
     profile(lambda x, w: x @ w, sets, f"xla bf16 {m}x{k}x{n}")
     profile(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), frozen, f"fp8 frozen (per token) {m}x{k}x{n}")
+    profile(lambda x, w: fr.fp8_dense(x, w, recipe=FROZEN_TENSOR), frozen, f"fp8 frozen (per tensor) {m}x{k}x{n}")
+    profile(lambda x, w: fr.fp8_dense(x, w), fp8_input, f"fp8 frozen, FP8 input (per token) {m}x{k}x{n}")
     profile(lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), sets, f"fp8 trainable {m}x{k}x{n}")
 
 

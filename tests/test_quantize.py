@@ -60,6 +60,27 @@ def test_quantize_static_matches_numpy(platform, rng, dtype, x_dtype, granularit
   assert_bits_equal(s, scale, f"{case}: returned scale")
 
 
+# Per-row widths that reach each CUDA row kernel: a warp per row (1024), a block per row (4096 and
+# the widest register-held 16384), one element per chunk (8191: not whole vectors), and rows wider
+# than the registers hold (16400, 8200 unaligned) that are read twice.
+ROW_WIDTHS = [1024, 4096, 16384, 8191, 16400, 8200]
+
+
+@pytest.mark.parametrize("cols", ROW_WIDTHS)
+@pytest.mark.parametrize("x_dtype", [pytest.param(jnp.dtype(jnp.bfloat16), id="bf16"),
+                                     pytest.param(jnp.dtype(jnp.float32), id="f32")])
+def test_quantize_rows_of_every_width_match_numpy(platform, rng, x_dtype, cols):
+  case = _case("quantize rows", E4M3, x_dtype, "row", (5, cols), platform)
+  x = wide(rng, (5, cols), x_dtype)
+  q, s = flashrt_jax.quantize(x, granularity="row")
+  q_ref, s_ref = np_quantize(x, E4M3, rowwise=True)
+  assert_fp8_equal(q, q_ref, f"{case}: q")
+  assert_bits_equal(s, s_ref, f"{case}: scale")
+  scale = _static_scale(rng, x, E5M2, "row")
+  q, _ = flashrt_jax.quantize(x, dtype=E5M2, scale=scale)
+  assert_fp8_equal(q, np_quantize(x, E5M2, scale=scale)[0], f"{case}: q with given E5M2 row scales")
+
+
 @pytest.mark.parametrize("data", ["wide", "normal"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("x_dtype", X_DTYPES)

@@ -97,6 +97,15 @@ struct Packed {
   }
 };
 
+// This thread's chunks of the row starting at element `offset` of `base`.
+template <typename T, int V, int N, int TPR>
+__device__ __forceinline__ void LoadRow(Packed<T, V> (&h)[N], const void* base, int64_t offset, int t, int chunks) {
+  const T* p = static_cast<const T*>(base) + offset + t * V;
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+    if (t + TPR * j < chunks) h[j].Load(p + TPR * V * j);
+}
+
 // V float32 parameters (weights, biases), as 16-byte loads where V allows.
 template <int V>
 __device__ __forceinline__ void LoadFloats(const float* p, float (&out)[V]) {

@@ -1,7 +1,9 @@
 // cuBLASLt FP8 GEMM. Row-major out (m, n) = a (m, k) @ b (n, k)^T is, in cuBLASLt's column-major
 // terms, D (n x m) = op(A) @ op(B) with A = b, transa = T and B = a, transb = N: the "TN" form that
-// FP8 on sm_90 requires. Plans (descriptors + the heuristic's algorithm) are cached per device and
-// problem, so a call after the first only sets pointers and enqueues.
+// FP8 on sm_90 requires. Plans (descriptors + the heuristic's candidate algorithms) are cached per
+// device and problem, so a call after the first only sets pointers and enqueues. The first call made
+// outside a CUDA graph capture times the candidates on its own operands and keeps the fastest, as
+// XLA's autotuner does for its GEMMs; until then (or when captured) the heuristic's first pick runs.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -11,6 +13,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "gemm/fp8_gemm.h"
 
@@ -46,7 +49,8 @@ using PlanKey = std::tuple<int, int64_t, int64_t, int64_t, int, int, int, bool, 
 struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a_layout = nullptr, b_layout = nullptr, d_layout = nullptr;
-  cublasLtMatmulAlgo_t algo;
+  std::vector<cublasLtMatmulAlgo_t> candidates;  // the heuristic's order; candidates[0] runs untuned
+  bool tuned = false;
   std::mutex mu;  // the descriptor's pointer attributes are set per call
   ~Plan() {
     if (d_layout) cublasLtMatrixLayoutDestroy(d_layout);
@@ -70,6 +74,8 @@ std::string GetHandle(int device, cublasLtHandle_t* handle) {
   *handle = it->second;
   return "";
 }
+
+constexpr int kCandidates = 8;  // heuristic results the first uncaptured call times
 
 std::string BuildPlan(cublasLtHandle_t handle, const Fp8GemmParams& p, int align_a, int align_b, int align_d,
                       Plan* plan) {
@@ -112,13 +118,55 @@ std::string BuildPlan(cublasLtHandle_t handle, const Fp8GemmParams& p, int align
   FR_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab)));
   FR_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ad, sizeof(ad)));
   FR_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad, sizeof(ad)));
-  cublasLtMatmulHeuristicResult_t result;
+  cublasLtMatmulHeuristicResult_t results[kCandidates];
   int found = 0;
   FR_LT_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, plan->desc, plan->a_layout, plan->b_layout, plan->d_layout,
-                                             plan->d_layout, pref, 1, &result, &found));
-  if (found == 0) return "cuBLASLt has no FP8 algorithm for this problem";
-  plan->algo = result.algo;
+                                             plan->d_layout, pref, kCandidates, results, &found));
+  for (int i = 0; i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
+  if (plan->candidates.empty()) return "cuBLASLt has no FP8 algorithm for this problem";
+  plan->tuned = plan->candidates.size() == 1;
   return "";
+}
+
+cublasStatus_t Run(cublasLtHandle_t handle, const Plan& plan, const cublasLtMatmulAlgo_t& algo,
+                   const Fp8GemmParams& p, cudaStream_t stream) {
+  const float alpha = 1.0f, beta = 0.0f;
+  return cublasLtMatmul(handle, plan.desc, &alpha, p.b, plan.a_layout, p.a, plan.b_layout, &beta, p.out,
+                        plan.d_layout, p.out, plan.d_layout, &algo, p.workspace, p.workspace_bytes, stream);
+}
+
+// Times each candidate (kTimedRuns after a warm-up run) on the call's own operands and moves the
+// fastest to the front. The output is overwritten by the runs; the caller's real run follows.
+// Skipped (plan left untuned) while the stream is being captured, where nothing may synchronize.
+void Tune(cublasLtHandle_t handle, Plan* plan, const Fp8GemmParams& p, cudaStream_t stream) {
+  constexpr int kTimedRuns = 3;
+  cudaStreamCaptureStatus capture;
+  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone) return;
+  cudaEvent_t start, stop;
+  if (cudaEventCreate(&start) != cudaSuccess) return;
+  if (cudaEventCreate(&stop) != cudaSuccess) {
+    cudaEventDestroy(start);
+    return;
+  }
+  float best_ms = -1.0f;
+  size_t best = 0;
+  for (size_t i = 0; i < plan->candidates.size(); ++i) {
+    const cublasLtMatmulAlgo_t& algo = plan->candidates[i];
+    if (Run(handle, *plan, algo, p, stream) != CUBLAS_STATUS_SUCCESS) continue;
+    cudaEventRecord(start, stream);
+    bool ok = true;
+    for (int r = 0; r < kTimedRuns && ok; ++r) ok = Run(handle, *plan, algo, p, stream) == CUBLAS_STATUS_SUCCESS;
+    cudaEventRecord(stop, stream);
+    float ms = 0.0f;
+    if (!ok || cudaEventSynchronize(stop) != cudaSuccess || cudaEventElapsedTime(&ms, start, stop) != cudaSuccess)
+      continue;
+    if (best_ms < 0.0f || ms < best_ms) best_ms = ms, best = i;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::swap(plan->candidates[0], plan->candidates[best]);
+  plan->tuned = true;
 }
 
 }  // namespace
@@ -156,10 +204,8 @@ std::string Fp8Gemm(const Fp8GemmParams& p, cudaStream_t stream) {
                                              sizeof(p.a_scale)));
   if (p.bias != nullptr)
     FR_LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias, sizeof(p.bias)));
-  const float alpha = 1.0f, beta = 0.0f;
-  FR_LT_CHECK(cublasLtMatmul(handle, plan->desc, &alpha, p.b, plan->a_layout, p.a, plan->b_layout, &beta, p.out,
-                             plan->d_layout, p.out, plan->d_layout, &plan->algo, p.workspace, p.workspace_bytes,
-                             stream));
+  if (!plan->tuned) Tune(handle, plan, p, stream);
+  FR_LT_CHECK(Run(handle, *plan, plan->candidates[0], p, stream));
   return "";
 }
 

@@ -55,14 +55,6 @@ template <typename T, int V, int TPR, Variant kVariant, Mean kMean>
 constexpr int kMinBlocks = 65536 / (kRegs<T, V, kVariant, kMean> * kThreads<TPR>) > 0
                                ? 65536 / (kRegs<T, V, kVariant, kMean> * kThreads<TPR>) : 1;
 
-template <typename T, int V, int N, int TPR>
-__device__ __forceinline__ void LoadRow(Packed<T, V> (&h)[N], const void* base, int64_t offset, int t, int chunks) {
-  const T* p = static_cast<const T*>(base) + offset + t * V;
-#pragma unroll
-  for (int j = 0; j < N; ++j)
-    if (t + TPR * j < chunks) h[j].Load(p + TPR * V * j);
-}
-
 // A block works on a.iters consecutive groups of kRowsPerBlock rows (a contiguous stretch, so the
 // parameter rows it reads stay in L1), one group after the other, loading the next group's x
 // while it finishes the current one. Thread t of a row always holds chunks t + TPR * j. The second

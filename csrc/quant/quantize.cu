@@ -1,5 +1,5 @@
 // CUDA FP8 quantization kernels. Per-tensor current scaling is two launches (an amax reduction,
-// then the quantize pass, whose second read of x mostly hits L2); per-row scaling is one pass.
+// then the quantize pass); per-row scaling is one pass (rows up to rows::kMaxRowWidth wide).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -101,66 +101,97 @@ __global__ void QuantizeTensorKernel(const T* __restrict__ x, int64_t n, const f
   }
 }
 
-// Row scale from the warp's partial amax; lane 0 records it. Returns 1 / scale.
-__device__ __forceinline__ float RowInvScale(uint32_t m, int lane, int64_t row, float fmax, float* scale_out,
-                                             float* amax_out) {
-  m = __reduce_max_sync(0xFFFFFFFFu, m);
-  const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, fmax);
-  if (lane == 0) {
-    scale_out[row] = scale;
-    amax_out[row] = amax;
-  }
-  return __frcp_rn(scale);
+// Per-row scaling of rows up to rows::kMaxRowWidth wide: a row is read once into the registers of
+// TPR threads (a warp, 8 rows a block, or a block of up to 512 threads), reduced and quantized from
+// there (rows::QuantizeRow, the fused producers' last step).
+template <typename T, int V, int N, int TPR>
+__global__ void __launch_bounds__(TPR == 32 ? kThreads : TPR)
+    QuantizeRowsKernel(const T* __restrict__ x, int64_t rows, int64_t cols, const rows::OutArgs o) {
+  constexpr int kRowsPerBlock = TPR == 32 ? kThreads / 32 : 1;
+  __shared__ float slot[TPR / 32];
+  const int t = threadIdx.x % TPR;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
+  if (row >= rows) return;  // a whole row's threads leave together
+  const int chunks = static_cast<int>(cols / V);
+  rows::Packed<T, V> h[N];
+  rows::LoadRow<T, V, N, TPR>(h, x, row * cols, t, chunks);
+  float y[N][V];
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int k = 0; k < V; ++k) y[j][k] = h[j].Get(k);
+  uint32_t unused = 0;
+  rows::QuantizeRow<T, V, N, TPR>(y, row, t, chunks, cols, o, slot, unused);
 }
 
-// One warp per row. Rows of at most 32 * kCache 16-byte vectors are read once into registers, reduced
-// and quantized from there; longer rows (or rows not a whole number of vectors) take a second read,
-// which hits L1/L2.
-template <typename T, __nv_fp8_interpretation_t kFormat, int kCache>
-__global__ void QuantizeRowsKernel(const T* __restrict__ x, int64_t rows, int64_t cols, const float* scale_in,
-                                   float fmax, uint8_t* __restrict__ q, float* scale_out, float* amax_out) {
-  constexpr int kVec = Vec<T>::kSize;
+template <typename T, int V>
+struct RowsLauncher {
+  const T* x;
+  int64_t rows, cols;
+  const rows::OutArgs& o;
+  int threads;
+  cudaStream_t stream;
+  template <int N, int TPR>
+  cudaError_t operator()() const {
+    const int64_t per_block = threads / TPR;
+    QuantizeRowsKernel<T, V, N, TPR><<<(rows + per_block - 1) / per_block, threads, 0, stream>>>(x, rows, cols, o);
+    return cudaGetLastError();
+  }
+};
+
+// Rows wider than the registers hold: one warp per row reads it twice (amax, then quantize).
+template <typename T, __nv_fp8_interpretation_t kFormat>
+__global__ void QuantizeWideRowsKernel(const T* __restrict__ x, int64_t rows, int64_t cols, const float* scale_in,
+                                       float fmax, uint8_t* __restrict__ q, float* scale_out, float* amax_out) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= rows) return;
   const T* xr = x + row * cols;
   uint8_t* qr = q + row * cols;
-  const Vec<T>* xv = reinterpret_cast<const Vec<T>*>(xr);
-  const int64_t n_vec = cols / kVec;
-  if (cols % kVec == 0 && n_vec <= 32 * kCache) {
-    Vec<T> cache[kCache];
-    uint32_t m = 0;
-#pragma unroll
-    for (int j = 0; j < kCache; ++j) {
-      if (lane + 32 * j < n_vec) {
-        cache[j] = xv[lane + 32 * j];
-        m = VecAbsMax(cache[j], m);
-      }
-    }
-    const float inv = scale_in != nullptr ? __frcp_rn(scale_in[row]) : RowInvScale(m, lane, row, fmax, scale_out, amax_out);
-#pragma unroll
-    for (int j = 0; j < kCache; ++j)
-      if (lane + 32 * j < n_vec) StoreVecFp8<T, kFormat>(cache[j], inv, qr, lane + 32 * j);
-    return;
-  }
-  const bool vec_ok = cols % kVec == 0;
   float inv;
   if (scale_in != nullptr) {
     inv = __frcp_rn(scale_in[row]);
   } else {
     uint32_t m = 0;
-    if (vec_ok) {
-      for (int64_t i = lane; i < n_vec; i += 32) m = VecAbsMax(xv[i], m);
-    } else {
-      for (int64_t i = lane; i < cols; i += 32) m = max(m, AbsBits(ToFloat(xr[i])));
+    for (int64_t i = lane; i < cols; i += 32) m = max(m, AbsBits(ToFloat(xr[i])));
+    m = __reduce_max_sync(0xFFFFFFFFu, m);
+    const float amax = __uint_as_float(m), scale = ScaleFromAmax(amax, fmax);
+    if (lane == 0) {
+      scale_out[row] = scale;
+      amax_out[row] = amax;
     }
-    inv = RowInvScale(m, lane, row, fmax, scale_out, amax_out);
+    inv = __frcp_rn(scale);
   }
-  if (vec_ok) {
-    for (int64_t i = lane; i < n_vec; i += 32) StoreVecFp8<T, kFormat>(xv[i], inv, qr, i);
-  } else {
-    for (int64_t i = lane; i < cols; i += 32) qr[i] = ToFp8<kFormat>(__fmul_rn(ToFloat(xr[i]), inv));
+  for (int64_t i = lane; i < cols; i += 32) qr[i] = ToFp8<kFormat>(__fmul_rn(ToFloat(xr[i]), inv));
+}
+
+template <typename T, __nv_fp8_interpretation_t kFormat>
+cudaError_t LaunchRows(const QuantizeParams& p, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(p.x);
+  if (p.rows == 0) return cudaSuccess;
+  if (!RowFits(p.x_dtype, p.cols)) {
+    const int64_t blocks = (p.rows + kThreads / 32 - 1) / (kThreads / 32);
+    QuantizeWideRowsKernel<T, kFormat><<<blocks, kThreads, 0, stream>>>(
+        x, p.rows, p.cols, p.scale_in, Fp8Max(p.q_dtype), static_cast<uint8_t*>(p.q), p.scale_out, p.amax_out);
+    return cudaGetLastError();
   }
+  rows::OutArgs o{};
+  o.scale_in = p.scale_in;
+  o.scale_group = 1;
+  o.q = static_cast<uint8_t*>(p.q);
+  o.scale_out = p.scale_out;
+  o.amax_out = p.amax_out;
+  o.fmax = Fp8Max(p.q_dtype);
+  o.e5m2 = kFormat == __NV_E5M2;
+  o.pass = rows::Pass::kOne;
+  constexpr int kVec = Vec<T>::kSize;
+  const bool vec = p.cols % kVec == 0 && rows::Aligned(p.x, 16) && rows::Aligned(p.q, kVec);
+  if (vec) {
+    const rows::RowShape shape = rows::ShapeFor(p.cols / kVec, rows::kMaxChunks<kVec>);
+    return rows::DispatchShape<rows::kMaxChunks<kVec>>(shape, RowsLauncher<T, kVec>{x, p.rows, p.cols, o, shape.threads, stream});
+  }
+  const rows::RowShape shape = rows::ShapeFor(p.cols, rows::kMaxChunks<1>);
+  return rows::DispatchShape<rows::kMaxChunks<1>>(shape, RowsLauncher<T, 1>{x, p.rows, p.cols, o, shape.threads, stream});
 }
 
 // 64 x 64 tiles: each tile is quantized once and written both as q (rows, cols) and, through shared
@@ -223,15 +254,7 @@ cudaError_t Launch(const QuantizeParams& p, cudaStream_t stream) {
   uint8_t* q = static_cast<uint8_t*>(p.q);
   const float fmax = Fp8Max(p.q_dtype);
   const int64_t n = p.rows * p.cols;
-  if (p.granularity == Granularity::kRow) {
-    const int rows_per_block = kThreads / 32;
-    const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
-    // Rows that fit 8 vectors a lane keep registers (and occupancy) lower than the 16-vector kernel.
-    auto kernel = p.cols <= 32 * 8 * Vec<T>::kSize ? QuantizeRowsKernel<T, kFormat, 8> : QuantizeRowsKernel<T, kFormat, 16>;
-    if (blocks > 0)
-      kernel<<<blocks, kThreads, 0, stream>>>(x, p.rows, p.cols, p.scale_in, fmax, q, p.scale_out, p.amax_out);
-    return cudaGetLastError();
-  }
+  if (p.granularity == Granularity::kRow) return LaunchRows<T, kFormat>(p, stream);
   uint32_t* amax_bits = nullptr;
   if (p.scale_in == nullptr) {
     amax_bits = reinterpret_cast<uint32_t*>(p.amax_out);

@@ -26,29 +26,34 @@ BF16 = jnp.dtype(jnp.bfloat16)
 F32 = jnp.dtype(jnp.float32)
 OUT_DTYPES = (BF16, F32)
 
-# When fp8_dense takes the FP8 path by default (Fp8Recipe.min_rows=None). FP8 saves GEMM time in
-# proportion to M*K*N but pays an activation quantize pass in proportion to M*K, so it needs enough
-# output features N; small problems are bound by per-call launch and host overhead, and a trainable
-# weight is quantized on every call, so it needs more work to pay off. Chosen from the H100 runs in
-# benchmarks/results/h100/ (gemm.md, gemm_run1.log): FP8 lost at N = 512 (M = 30976), at
-# 1600x1024x4096 and at M <= 1024 with K = N = 2048, and a trainable weight lost at 968x2048x16384;
-# FP8 won at every shape these thresholds admit.
-AUTO_MIN_OUT_FEATURES = 2048
-AUTO_MIN_FLOPS = {"frozen": 5e10, "trainable": 2e11}
+# When fp8_dense takes the FP8 path by default (Fp8Recipe.min_rows=None): a cost model with constants
+# measured on the H100 (benchmarks/results/h100/gemm.md). FP8 saves GEMM time in proportion to M*K*N
+# (raw TFLOP/s of the two GEMMs) and pays memory passes and launches: a trainable layer quantizes the
+# activation per tensor (amax, then quantize: 5 bytes per element of x) and its weight (5 bytes per
+# parameter) on every call; a frozen layer quantizes the activation per row in one pass (3 bytes per
+# element), while its XLA route would dequantize the FP8 weight (3 bytes per parameter).
+BF16_FLOPS, FP8_FLOPS = 730e12, 1400e12  # dense GEMM FLOP/s at the large pi0.5 shapes
+HBM_BYTES_PER_S = 2.8e12                 # device-to-device copy bandwidth
+LAUNCH_S = {"frozen": 6e-6, "trainable": 10e-6}  # the FP8 path's extra kernels and custom calls
 
 
 def takes_fp8_path(m: int, k: int, n: int, frozen: bool, min_rows: int | None = None) -> bool:
   """Whether fp8_dense runs the FP8 GEMM for x (M, K) @ kernel (K, N), or XLA's dot.
 
-  K and N must be multiples of 16 (cuBLASLt's FP8 alignment). With min_rows=None the measured
-  default applies (N >= AUTO_MIN_OUT_FEATURES and 2*M*K*N >= AUTO_MIN_FLOPS); an int min_rows
-  replaces it by M >= min_rows (0: always FP8).
+  K and N must be multiples of 16 (cuBLASLt's FP8 alignment). With min_rows=None, FP8 where the
+  GEMM time it saves exceeds the quantize passes and launches it adds (the cost model above); an
+  int min_rows replaces that by M >= min_rows (0: always FP8).
   """
   if k % 16 or n % 16:
     return False
   if min_rows is not None:
     return m >= min_rows
-  return n >= AUTO_MIN_OUT_FEATURES and 2 * m * k * n >= AUTO_MIN_FLOPS["frozen" if frozen else "trainable"]
+  saved = 2 * m * k * n * (1 / BF16_FLOPS - 1 / FP8_FLOPS)
+  if frozen:
+    added = 3 * (m * k - k * n) / HBM_BYTES_PER_S + LAUNCH_S["frozen"]
+  else:
+    added = 5 * (m * k + k * n) / HBM_BYTES_PER_S + LAUNCH_S["trainable"]
+  return saved > added
 
 
 def _gemm_2d(a, b, a_scale, b_scale, bias, out_dtype, fast_accum):
@@ -213,8 +218,9 @@ class Fp8Recipe:
       outer-vector scale mode; frozen weights only, since a weight gradient reduces over tokens).
       None (default) picks "row" for a frozen weight and "tensor" for a trainable one: on the H100,
       per-token scaling is as accurate and faster (benchmarks/results/h100/gemm.md).
-    backward: "fp8" (dy quantized to E5M2 with current scaling, FP8 GEMMs for dx and dW) or "bf16"
-      (XLA BF16 GEMMs on the dequantized residuals).
+    backward: "fp8" (dy quantized to E5M2 with current scaling, FP8 GEMMs for dx and dW; a frozen
+      weight's dx scales dy per token in one pass, a trainable one per tensor since its dW reduces
+      over tokens) or "bf16" (XLA BF16 GEMMs on the dequantized residuals).
     fast_accum: use Hopper's fast FP8 accumulation in the forward GEMM (the backward never does).
     min_rows: None (default): take the FP8 path where it was measured faster than XLA's BF16 dot
       on the H100 (see `takes_fp8_path`); an int: FP8 from this many rows (M = prod of x's leading
@@ -287,7 +293,8 @@ def _dense_frozen_fwd(x, w_data, w_scale, bias, recipe, dtypes):
 
 def _frozen_dx(dy, w_data, w_scale, backward, out_dtype, fold_dtype=F32):
   """dx = dy @ (w_data * w_scale) for a frozen (N, K) weight: an FP8 GEMM on dy quantized to E5M2
-  (current scaling), or XLA's BF16 dot on the dequantized weight (backward="bf16"). fold_dtype: the
+  with one current scale per row (a single pass; the row scales are dx's row scales, applied in the
+  GEMM's epilogue), or XLA's BF16 dot on the dequantized weight (backward="bf16"). fold_dtype: the
   dtype of dy * per-channel scale before its E5M2 quantization (dy's own dtype halves that pass's
   bytes; E5M2 rounds it much more coarsely anyway)."""
   if backward == "fp8":
@@ -296,7 +303,7 @@ def _frozen_dx(dy, w_data, w_scale, backward, out_dtype, fold_dtype=F32):
       g, g_scale = (dy.astype(F32) * w_scale).astype(fold_dtype), one
     else:
       g, g_scale = dy, w_scale
-    gq, sg, _ = raw_quant.quantize_current(g, E5M2, False)
+    gq, sg, _ = raw_quant.quantize_current(g, E5M2, True)
     # The one FP8 copy is (N, K); dx needs (K, N): XLA transposes it (1 byte per parameter each way).
     return _gemm_2d(gq, w_data.T, sg, g_scale, None, out_dtype, False)
   w = reference.dequantize(w_data, w_scale[:, None] if w_scale.ndim else w_scale, BF16)  # (N, K)
@@ -321,10 +328,8 @@ def _dense_xla(x, kernel, bias):
     w = jax.lax.stop_gradient(kernel).dequantize(x.dtype)
   else:
     w = kernel.astype(x.dtype)
-  y = jnp.dot(x, w, preferred_element_type=F32)
-  if bias is not None:
-    y = y + bias.astype(F32)
-  return y.astype(x.dtype)
+  y = jnp.dot(x, w)  # what a BF16 layer runs: x's dtype out (cuBLAS accumulates in float32)
+  return y if bias is None else (y.astype(F32) + bias.astype(F32)).astype(x.dtype)  # db summed in float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +487,8 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
       call (backward gives dx and dW), or a frozen `Fp8Weight` (backward gives dx only; its
       gradient is None and never computed).
     bias: optional (N,) float; its gradient is dy summed over M.
-    recipe: `Fp8Recipe`; default per-tensor current scaling, FP8 backward.
+    recipe: `Fp8Recipe`; default: current scaling (per token for a frozen weight, per tensor for a
+      trainable one), FP8 backward, FP8 only where the cost model of `takes_fp8_path` says it pays.
 
   Returns:
     (..., N) in x's dtype.
