@@ -87,3 +87,8 @@ def md_table(header: list[str], rows: list[list]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
   return "\n".join(lines) + "\n"
+
+
+def targets_md(rows: list[list], measured: str = "measured") -> str:
+  """A "Targets" section of [target, measured, met] rows; empty without rows."""
+  return "\n## Targets\n" + md_table(["target", measured, "met"], rows) if rows else ""

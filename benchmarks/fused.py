@@ -273,10 +273,7 @@ def write_report(results, out_dir):
   md = [f"# Fused FP8 producers and the FP8 FFN block ({common.device_name()}, jax {jax.__version__})\n",
         "Times are medians per call with Python dispatch excluded (benchmarks/common.py: inputs passed as "
         "jit arguments, rotated past L2, warmed up). Bytes floor = bytes read + written once.\n"]
-  tt = targets_table(results)
-  if tt:
-    md.append("\n## Targets\n")
-    md.append(common.md_table(["target", "measured", "met"], tt))
+  md.append(common.targets_md(targets_table(results)))
   if "copy" in results:
     c = results["copy"]
     md.append(f"\n## Copy bandwidth\n\n`-x` on {c['shape'][0]}×{c['shape'][1]} bf16: {c['us']:.1f} µs, "
