@@ -140,10 +140,14 @@ def forward(f):
 
 
 def forward_backward(f):
+  """The output and the input gradients: without the output XLA would drop forward work (its
+  attention's P·V) that a training step does."""
   def run(q, k, v, kp, vp, mask, bias, do):
     if kp is None:
-      return jax.vjp(lambda q, k, v: f(q, k, v, None, None, mask, bias), q, k, v)[1](do)
-    return jax.vjp(lambda q, k, v, kp, vp: f(q, k, v, kp, vp, mask, bias), q, k, v, kp, vp)[1](do)
+      out, pullback = jax.vjp(lambda q, k, v: f(q, k, v, None, None, mask, bias), q, k, v)
+    else:
+      out, pullback = jax.vjp(lambda q, k, v, kp, vp: f(q, k, v, kp, vp, mask, bias), q, k, v, kp, vp)
+    return out, pullback(do)
   return run
 
 

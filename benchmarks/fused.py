@@ -206,7 +206,8 @@ def ffn_variants(backward: bool):
   def grad(f, fp8: bool):  # frozen weights: gradients of x and the norm weight only
     def run(x, nw, wg, wd, wg8, wd8, ct):
       w1, w2 = (wg8, wd8) if fp8 else (wg, wd)
-      return jax.vjp(lambda x, nw: f(x, nw, w1, w2), x, nw)[1](ct)
+      out, pullback = jax.vjp(lambda x, nw: f(x, nw, w1, w2), x, nw)
+      return out, pullback(ct)  # the output too: without it XLA would drop forward work
     return run
 
   return {

@@ -7,6 +7,7 @@ Sections (each timed side by side in this one process):
             and keeps the passes that make the residuals. The report adds forward and backward rows
             into forward + backward.
   crossover fp8_dense vs XLA BF16 over small M: where the FP8 path starts to pay
+  xla_route a frozen layer routed to XLA (fp8_dense's route vs a dequantized copy then the dot)
   accuracy  forward error vs float32 for fast_accum on/off and per-tensor vs per-row scaling
   memory    device bytes held by a frozen FP8 weight, per parameter
 
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import flashrt_jax as fr  # noqa: E402
+from flashrt_jax.ops.gemm import frozen_xla_converts, frozen_xla_dot  # noqa: E402
 
 BF16, E4M3 = jnp.bfloat16, jnp.float8_e4m3fn
 NK = (((1,), (1,)), ((), ()))  # contract x's K with a (N, K) weight's K
@@ -204,6 +206,29 @@ def bench_crossover(ms, kns, save):
   return rows
 
 
+XLA_ROUTE_SHAPES = [(200, 1024, 4096), (200, 4096, 1024), (50, 1024, 4096), (50, 4096, 1024), (3872, 2048, 512),
+                    (30976, 2048, 512), (968, 2048, 2048), (1600, 1024, 4096)]
+
+
+def bench_xla_route(shapes, save):
+  """A frozen layer routed to XLA, in the two forms fp8_dense chooses between (frozen_xla_dot), next
+  to the FP8 path and XLA BF16."""
+  rows = []
+  for m, k, n in shapes:
+    bytes_per_set = 2 * (m * k + k * n + m * n)
+    dense = rotated(lambda i: make_inputs(m, k, n, i), bytes_per_set)
+    frozen = [(x, fr.Fp8Weight.from_kernel(w)) for x, w in dense]
+    variants = {"xla bf16": (xla_bf16, dense),
+                "convert in dot": (lambda x, w: frozen_xla_dot(x, w, True).astype(x.dtype), frozen),
+                "dequantize then dot": (lambda x, w: frozen_xla_dot(x, w, False), frozen),
+                "fp8_dense fp8 path": (lambda x, w: fr.fp8_dense(x, w, recipe=ALWAYS_FP8), frozen)}
+    t = {v: common.time_op(fn, sets) * 1e6 for v, (fn, sets) in variants.items()}
+    rows.append({"shape": [m, k, n], "us": t})
+    print(f"xla route {m}x{k}x{n}: " + ", ".join(f"{v} {u:.1f}us" for v, u in t.items()), flush=True)
+    save(rows)
+  return rows
+
+
 def crossover_rows(rows, variant):
   """Smallest M from which the FP8 variant is at least as fast as BF16 at every larger M and (K, N)."""
   ms = sorted({r["m"] for r in rows})
@@ -323,10 +348,16 @@ def targets(results, steps):
   for variant, frozen in (("flashrt trainable routed", False), ("flashrt frozen routed", True)):
     add(f"{variant} (default recipe) forward >= 1.0x XLA BF16, shapes routed to FP8", 1.0,
         worst("forward", fwd(variant, "xla bf16"), fp8_shapes(frozen)))
-    # Routed to XLA, a trainable layer runs XLA's own dot (the same HLO: noise only); a frozen one
-    # dequantizes its FP8 weight first.
-    add(f"{variant} (default recipe) forward >= 1.0x XLA BF16, shapes routed to XLA", 1.0,
+    if frozen and "xla_route" in results:
+      continue  # measured below on the route's current forms
+    # Routed to XLA, a trainable layer runs XLA's own dot: the same program, so its ratio is noise.
+    add(f"{variant} (default recipe) forward >= 1.0x XLA BF16, shapes routed to XLA"
+        + ("" if frozen else " (the same program as XLA BF16)"), 1.0,
         worst("forward", fwd(variant, "xla bf16"), lambda r, f=frozen: not fr.takes_fp8_path(*r["shape"], frozen=f)))
+  routed_form = lambda r: "convert in dot" if frozen_xla_converts(r["shape"][0], r["shape"][1]) else "dequantize then dot"
+  add("flashrt frozen routed (default recipe) forward >= 1.0x XLA BF16, shapes routed to XLA (section xla_route)", 1.0,
+      worst("xla_route", lambda r: r["us"]["xla bf16"] / r["us"][routed_form(r)],
+            lambda r: not fr.takes_fp8_path(*r["shape"], frozen=True)))
   if "memory" in results:
     b = results["memory"]["frozen Fp8Weight bytes/param"]
     rows.append(["frozen Fp8Weight holds 1 byte per weight (device memory stats)", f"{b:.4f}",
@@ -361,6 +392,9 @@ def write_report(results, out_dir):
                   "the passes that make the residuals (a trainable layer's transposing quantizes).\n\n")
       md.append(common.md_table(["M×K×N"] + names, [["×".join(map(str, r["shape"]))] + [
           f"{r['us'][v]:.0f} ({r['us'][base(v)] / r['us'][v]:.2f}×)" for v in names] for r in results[sec]]))
+      if sec == "forward" and "xla_route" in results:
+        md.append("\nA frozen layer routed to XLA is timed in both of its forms in the section "
+                  "\"A frozen layer routed to XLA\" below.\n")
   if steps:
     names = list(steps[0]["us"])
     md.append("\n## Forward + backward: µs, the forward column plus the backward column of the same layer "
@@ -374,6 +408,16 @@ def write_report(results, out_dir):
                                for r in results["crossover"]]))
     md.append(f"\nSmallest M from which FP8 is never slower: trainable {results['crossover_m']['fp8 trainable']}, "
               f"frozen {results['crossover_m']['fp8 frozen']}.\n")
+  if "xla_route" in results:
+    md.append("\n## A frozen layer routed to XLA: µs (speed-up over xla bf16)\n"
+              "`convert in dot`: the FP8 data converted inside XLA's dot, the scale applied to the float32 "
+              "product; `dequantize then dot`: a dequantized BF16 copy of the weight, then the dot. The last "
+              "column is the form fp8_dense's XLA route takes (`frozen_xla_converts`).\n\n")
+    names = list(results["xla_route"][0]["us"])
+    md.append(common.md_table(["M×K×N"] + names + ["fp8_dense's XLA route"], [["×".join(map(str, r["shape"]))] + [
+        f"{r['us'][v]:.1f} ({r['us']['xla bf16'] / r['us'][v]:.2f}×)" for v in names]
+        + ["convert in dot" if frozen_xla_converts(r["shape"][0], r["shape"][1]) else "dequantize then dot"]
+        for r in results["xla_route"]]))
   if "accuracy" in results:
     md.append("\n## Forward accuracy: ‖y − y_fp32‖ / ‖y_fp32‖\n")
     md.append(common.md_table(["variant", "rel error"], [[k, v] for k, v in results["accuracy"].items() if k != "shape"]))
@@ -410,7 +454,7 @@ def plot(results, out_dir):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--sections", default="raw,forward,backward,crossover,accuracy,memory")
+  p.add_argument("--sections", default="raw,forward,backward,crossover,xla_route,accuracy,memory")
   p.add_argument("--quick", action="store_true", help="a few shapes only")
   p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<gpu>)")
   p.add_argument("--shapes", default=None, help="forward/backward shapes instead of the default list: M,K,N;M,K,N")
@@ -454,6 +498,9 @@ def main():
     ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
     kns = tuple(tuple(int(v) for v in kn.split(",")) for kn in args.kns.split(";")) if args.kns else kns
     bench_crossover(ms, kns, saver("crossover"))
+  if "xla_route" in sections:
+    results["xla_route"] = bench_xla_route(XLA_ROUTE_SHAPES, lambda rows: None)
+    write_report(results, out_dir)
   if "accuracy" in sections:
     results["accuracy"] = bench_accuracy()
   if "memory" in sections:

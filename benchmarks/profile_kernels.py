@@ -4,7 +4,7 @@
     python benchmarks/profile_kernels.py decode   # pi0.5 action-expert attention against a cached prefix
     python benchmarks/profile_kernels.py train    # pi0.5 training attention (B 32), forward + backward
 
-For each shape prints wall time per call (host dispatch and thunk overhead included) next to the
+For each shape prints wall time per call (common.time_op: thunk overhead included) next to the
 summed GPU kernel time per call, and the kernels that make it up: it tells launch- or host-bound
 shapes from device-bound ones, and which kernel to work on.
 """
@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +47,7 @@ def profile(fn, sets, tag, top=8):
       total[e["name"][:70]] += e["dur"]
       count[e["name"][:70]] += 1
   calls = 3 * len(sets)
-  t0 = time.perf_counter()
-  out = [many(sets) for _ in range(10)]
-  jax.block_until_ready(out)
-  wall = (time.perf_counter() - t0) / (10 * len(sets)) * 1e6
+  wall = common.time_op(fn, sets) * 1e6
   print(f"== {tag}: wall {wall:.1f} us/call, GPU kernels {sum(total.values()) / calls:.1f} us/call")
   for name, us in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
     print(f"   {us / calls:8.2f} us  x{count[name] / calls:.0f}  {name}")

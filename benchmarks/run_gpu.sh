@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA module in-tree, run the GPU tests and the benchmarks, and copy logs
 # and results to $OUT (the device tool brings that folder back). Usage:
-#   bash benchmarks/run_gpu.sh [tests|bench|all] [extra args for benchmarks/gemm.py]
+#   bash benchmarks/run_gpu.sh [none|tests|bench|all] [extra args for benchmarks/gemm.py]
+# GPU_TESTS overrides the test selection (default: every `gpu` test under tests/). With pytest-xdist
+# importable the tests run in GPU_TEST_WORKERS processes (default 6) sharing the GPU.
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/flashrt_out}; mkdir -p "$OUT"
@@ -16,7 +18,11 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import flashrt_jax as fr; assert fr.cuda_available(); print('flashrt_jax CUDA handlers registered')" || exit 1
 status=0
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  workers=()
+  python3 -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
+  # Workers share the GPU: no process may take most of its memory up front.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" \
+    ${GPU_TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   status=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then

@@ -291,6 +291,40 @@ def test_fp8_dense_unaligned_falls_back(platform, rng, k, n, frozen):
     assert rel_l2(dw, dw_ref) <= TOL, f"{case}: dW rel L2 {rel_l2(dw, dw_ref):.2e}"
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("lead,k,n", [((5,), 64, 48), ((51,), 256, 128), ((300,), 64, 32), ((2, 3), 64, 48)], ids=str)
+def test_frozen_xla_route_both_forms(platform, rng, lead, k, n, granularity):
+  """A frozen weight routed to XLA: the form that converts the FP8 data inside the dot (few rows)
+  and the dequantized copy (many rows) give the dequantized weight's product, bias and dx."""
+  case = f"frozen XLA route lead={lead} k={k} n={n} {granularity} on {platform}"
+  x, bias = normal(rng, lead + (k,), BF16), normal(rng, (n,))
+  w = Fp8Weight.from_kernel(normal(rng, (k, n), std=k ** -0.5), granularity)
+  rows = int(np.prod(lead))
+  converts = flashrt_jax.ops.gemm.frozen_xla_converts(rows, k)
+  assert converts == (3 * rows < 2 * k), case
+  xla_only = Fp8Recipe(min_rows=1 << 62)
+  dense = lambda x, w, b: flashrt_jax.fp8_dense(x, w, b, recipe=xla_only)
+  assert not flashrt_targets(dense, x, w, bias, compiled=False), f"{case}: must not call flashrt"
+  kernel = w.dequantize()
+  y = jax.jit(dense)(x, w, bias)
+  assert y.dtype == BF16 and y.shape == lead + (n,), f"{case}: got {y.dtype} {y.shape}"
+  assert rel_l2(y, _full_precision(x, kernel, bias)) <= TOL, f"{case}: forward rel L2"
+  g = normal(rng, lead + (n,))
+  dx, _, db = _grads(dense, x, w, bias, g)
+  dx_ref, _, db_ref = _grads(_full_precision, x, kernel, bias, g)
+  assert dx.dtype == BF16 and rel_l2(dx, dx_ref) <= TOL, f"{case}: dx rel L2 {rel_l2(dx, dx_ref):.2e}"
+  assert rel_l2(db, db_ref) <= TOL, f"{case}: db rel L2 {rel_l2(db, db_ref):.2e}"
+
+
+def test_trainable_xla_route_is_xlas_own_dot():
+  """Routed to XLA, a trainable BF16 layer lowers to exactly the program of jnp.dot: at those shapes
+  its benchmark times differ from XLA BF16's by noise alone."""
+  x, w = jax.ShapeDtypeStruct((200, 1024), BF16), jax.ShapeDtypeStruct((1024, 4096), BF16)
+  assert not flashrt_jax.takes_fp8_path(200, 1024, 4096, frozen=False)
+  ours = jax.jit(lambda x, w: flashrt_jax.fp8_dense(x, w)).lower(x, w).as_text()
+  assert ours == jax.jit(lambda x, w: jnp.dot(x, w)).lower(x, w).as_text()
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: large shapes
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from flashrt_jax import _checks, reference
 from flashrt_jax.ops import fused as producers
-from flashrt_jax.ops.gemm import (BF16, F32, OUT_DTYPES, Fp8Recipe, Fp8Weight, _gemm_2d, _kernel_out_dtype,
+from flashrt_jax.ops.gemm import (BF16, F32, OUT_DTYPES, Fp8Recipe, Fp8Weight, _gemm_2d, _kernel_out_dtype, _rows,
                                   act_gemm_bwd, act_gemm_fwd, check_bias, check_kernel, kernel_operand)
 
 ACTIVATIONS = ("gelu_tanh", "silu")
@@ -80,13 +80,6 @@ def _recipe(op, recipe):
 def _out_dtype(x):
   d = jnp.dtype(x.dtype)
   return d if d in OUT_DTYPES else BF16
-
-
-def _rows(x):
-  m = 1
-  for d in x.shape[:-1]:
-    m *= d
-  return m
 
 
 def _dtype_of(a):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,11 @@ OUT_DTYPES = (BF16, F32)
 BF16_FLOPS, FP8_FLOPS = 730e12, 1400e12  # dense GEMM FLOP/s at the large pi0.5 shapes
 HBM_BYTES_PER_S = 2.8e12                 # device-to-device copy bandwidth
 LAUNCH_S = {"frozen": 6e-6, "trainable": 10e-6}  # the FP8 path's extra kernels and custom calls
+
+
+def _rows(x) -> int:
+  """M: the product of x's leading axes."""
+  return math.prod(x.shape[:-1])
 
 
 def takes_fp8_path(m: int, k: int, n: int, frozen: bool, min_rows: int | None = None) -> bool:
@@ -322,14 +328,38 @@ def _dense_frozen_bwd(recipe, dtypes, res, dy):
 _dense_frozen.defvjp(_dense_frozen_fwd, _dense_frozen_bwd)
 
 
+def frozen_xla_dot(x, w: Fp8Weight, converted: bool):
+  """x (..., K) @ w's kernel (K, N) by XLA's dot, in one of two forms (timed side by side in
+  benchmarks/gemm.py, section xla_route):
+
+  converted: the FP8 data enters the dot as x's dtype (which holds every E4M3 value exactly) in its
+    stored (N, K) layout, so XLA fuses the convert into its GEMM and reads the weight at 1 byte per
+    value; the scale multiplies the float32 product, which is returned.
+  otherwise: a dequantized (K, N) copy in x's dtype, then the dot; x's dtype is returned.
+  """
+  if converted:
+    return jax.lax.dot_general(x, w.data.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=F32) * w.scale
+  return jnp.dot(x, w.dequantize(x.dtype))
+
+
+def frozen_xla_converts(m: int, k: int) -> bool:
+  """Whether the XLA route of a frozen (K, N) weight converts inside the dot for M rows. Converting
+  writes and reads a float32 product (about 6 extra bytes per output) where the dequantized copy
+  costs about 4 bytes per weight: with 3M < 2K the converted form wins (measured at 8 shapes)."""
+  return 3 * m < 2 * k
+
+
 def _dense_xla(x, kernel, bias):
   """The small-shape route: XLA's dot in x's dtype (BF16 for BF16 activations)."""
   if isinstance(kernel, Fp8Weight):
-    w = jax.lax.stop_gradient(kernel).dequantize(x.dtype)
+    w = jax.lax.stop_gradient(kernel)
+    y = frozen_xla_dot(x, w, frozen_xla_converts(_rows(x), w.data.shape[1]))
   else:
-    w = kernel.astype(x.dtype)
-  y = jnp.dot(x, w)  # what a BF16 layer runs: x's dtype out (cuBLAS accumulates in float32)
-  return y if bias is None else (y.astype(F32) + bias.astype(F32)).astype(x.dtype)  # db summed in float32
+    y = jnp.dot(x, kernel.astype(x.dtype))  # what a BF16 layer runs: x's dtype out (cuBLAS accumulates in float32)
+  if bias is None:
+    return y.astype(x.dtype)
+  return (y.astype(F32) + bias.astype(F32)).astype(x.dtype)  # db summed in float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,9 +492,7 @@ def _fp8_act_dense(op, x, kernel, bias, recipe):
   _, n = check_kernel(op, kernel, k)
   check_bias(op, bias, n)
   lead = x.data.shape[:-1]
-  m = 1
-  for d in lead:
-    m *= d
+  m = _rows(x.data)
   a = x.data.reshape(m, k)
   sa = x.scale.reshape(m, 1) if x.scale.ndim else x.scale
   dtypes = (BF16, None if isinstance(kernel, Fp8Weight) else jnp.dtype(kernel.dtype),
@@ -494,7 +522,8 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
     (..., N) in x's dtype.
 
   Shapes where FP8 does not pay (see `takes_fp8_path` and `recipe.min_rows`) and K or N not multiples
-  of 16 (cuBLASLt FP8 alignment) take the XLA path (`x @ kernel` in x's dtype) instead.
+  of 16 (cuBLASLt FP8 alignment) take the XLA path (`x @ kernel` in x's dtype) instead; for a frozen
+  weight, XLA's dot on the FP8 data converted inside it or on a dequantized copy (`frozen_xla_dot`).
   """
   op = "fp8_dense"
   recipe = Fp8Recipe() if recipe is None else recipe
@@ -521,9 +550,7 @@ def fp8_dense(x, kernel, bias=None, *, recipe: Fp8Recipe | None = None):
     _checks.array(op, "bias", bias, _checks.FLOAT_DTYPES, rank=1)
     if bias.shape != (n,):
       raise ValueError(f"{op}: bias must have shape ({n},), got {bias.shape}")
-  m = 1
-  for d in x.shape[:-1]:
-    m *= d
+  m = _rows(x)
   if not takes_fp8_path(m, k, n, frozen, recipe.min_rows):
     return _dense_xla(x, kernel, bias)
   x_dtype = jnp.dtype(x.dtype)
