@@ -333,8 +333,8 @@ def frozen_xla_dot(x, w: Fp8Weight, converted: bool):
   benchmarks/gemm.py, section xla_route):
 
   converted: the FP8 data enters the dot as x's dtype (which holds every E4M3 value exactly) in its
-    stored (N, K) layout, so XLA fuses the convert into its GEMM and reads the weight at 1 byte per
-    value; the scale multiplies the float32 product, which is returned.
+    stored (N, K) layout, where XLA can fuse the convert into its GEMM; no dequantized copy is
+    written. The scale multiplies the float32 product, which is returned.
   otherwise: a dequantized (K, N) copy in x's dtype, then the dot; x's dtype is returned.
   """
   if converted:
@@ -344,9 +344,10 @@ def frozen_xla_dot(x, w: Fp8Weight, converted: bool):
 
 
 def frozen_xla_converts(m: int, k: int) -> bool:
-  """Whether the XLA route of a frozen (K, N) weight converts inside the dot for M rows. Converting
-  writes and reads a float32 product (about 6 extra bytes per output) where the dequantized copy
-  costs about 4 bytes per weight: with 3M < 2K the converted form wins (measured at 8 shapes)."""
+  """Whether the XLA route of a frozen (K, N) weight converts inside the dot for M rows. The
+  converted form saves the dequantized copy (3 bytes per weight) but makes a float32 product: it won
+  with few rows (M = 50, 200; 968×2048) and lost with many (1600×1024, 30976×2048) on the H100, and
+  3M < 2K separates the 8 measured shapes (gemm.md, "A frozen layer routed to XLA")."""
   return 3 * m < 2 * k
 
 
