@@ -124,17 +124,21 @@ __global__ void __launch_bounds__(TPR == 32 ? kThreads : TPR)
   rows::QuantizeRow<T, V, N, TPR>(y, row, t, chunks, cols, o, slot, unused);
 }
 
+struct RowsArgs {
+  const void* x;
+  int64_t rows, cols;
+  rows::OutArgs o;
+};
+
 template <typename T, int V>
 struct RowsLauncher {
-  const T* x;
-  int64_t rows, cols;
-  const rows::OutArgs& o;
+  const RowsArgs& a;
+  int64_t grid;
   int threads;
   cudaStream_t stream;
   template <int N, int TPR>
   cudaError_t operator()() const {
-    const int64_t per_block = threads / TPR;
-    QuantizeRowsKernel<T, V, N, TPR><<<(rows + per_block - 1) / per_block, threads, 0, stream>>>(x, rows, cols, o);
+    QuantizeRowsKernel<T, V, N, TPR><<<grid, threads, 0, stream>>>(static_cast<const T*>(a.x), a.rows, a.cols, a.o);
     return cudaGetLastError();
   }
 };
@@ -167,31 +171,21 @@ __global__ void QuantizeWideRowsKernel(const T* __restrict__ x, int64_t rows, in
 
 template <typename T, __nv_fp8_interpretation_t kFormat>
 cudaError_t LaunchRows(const QuantizeParams& p, cudaStream_t stream) {
-  const T* x = static_cast<const T*>(p.x);
   if (p.rows == 0) return cudaSuccess;
   if (!RowFits(p.x_dtype, p.cols)) {
     const int64_t blocks = (p.rows + kThreads / 32 - 1) / (kThreads / 32);
     QuantizeWideRowsKernel<T, kFormat><<<blocks, kThreads, 0, stream>>>(
-        x, p.rows, p.cols, p.scale_in, Fp8Max(p.q_dtype), static_cast<uint8_t*>(p.q), p.scale_out, p.amax_out);
+        static_cast<const T*>(p.x), p.rows, p.cols, p.scale_in, Fp8Max(p.q_dtype), static_cast<uint8_t*>(p.q), p.scale_out, p.amax_out);
     return cudaGetLastError();
   }
-  rows::OutArgs o{};
-  o.scale_in = p.scale_in;
-  o.scale_group = 1;
-  o.q = static_cast<uint8_t*>(p.q);
-  o.scale_out = p.scale_out;
-  o.amax_out = p.amax_out;
-  o.fmax = Fp8Max(p.q_dtype);
-  o.e5m2 = kFormat == __NV_E5M2;
-  o.pass = rows::Pass::kOne;
+  // The fused producers' launch path: a given scale holds one value per row.
+  const Fp8Output out{p.q_dtype, Granularity::kRow, p.scale_in, p.rows, p.q, p.scale_out, p.amax_out, nullptr};
   constexpr int kVec = Vec<T>::kSize;
   const bool vec = p.cols % kVec == 0 && rows::Aligned(p.x, 16) && rows::Aligned(p.q, kVec);
-  if (vec) {
-    const rows::RowShape shape = rows::ShapeFor(p.cols / kVec, rows::kMaxChunks<kVec>);
-    return rows::DispatchShape<rows::kMaxChunks<kVec>>(shape, RowsLauncher<T, kVec>{x, p.rows, p.cols, o, shape.threads, stream});
-  }
-  const rows::RowShape shape = rows::ShapeFor(p.cols, rows::kMaxChunks<1>);
-  return rows::DispatchShape<rows::kMaxChunks<1>>(shape, RowsLauncher<T, 1>{x, p.rows, p.cols, o, shape.threads, stream});
+  const rows::RowShape shape =
+      vec ? rows::ShapeFor(p.cols / kVec, rows::kMaxChunks<kVec>) : rows::ShapeFor(p.cols, rows::kMaxChunks<1>);
+  return rows::LaunchRowPasses<RowsLauncher, T, kVec>(out, RowsArgs{p.x, p.rows, p.cols, {}}, p.rows, vec, shape,
+                                                       stream);
 }
 
 // 64 x 64 tiles: each tile is quantized once and written both as q (rows, cols) and, through shared
