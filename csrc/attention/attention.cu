@@ -42,6 +42,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kInvisible = INT_MAX;     // effective block of a key nobody sees
 constexpr int kSeesAll = INT_MAX - 1;   // block of a query when there is no block mask
 constexpr uint16_t kFullTile = 0x8000;  // tile-list flag: every row sees every key of the tile
+constexpr float kRescaleSlack = 8.0f;    // forward: log2 units a row maximum may rise before O is rescaled
 
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers
@@ -209,6 +210,30 @@ __device__ __forceinline__ void GroupMmaWait(float (&a)[N][4], float (&b)[M][4])
 
 __device__ __forceinline__ void FenceAsyncProxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// 2^x without exp2f's subnormal range fix-up (three more instructions per element): the softmax
+// arguments are <= 0 up to rounding, and a result below 2^-126 flushing to 0 changes nothing.
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The wgmma descriptor of a Tile at its byte offset `offset` from `base`: for rows that are multiples
+// of 8 the 128-byte swizzle adds nothing, so descriptors within a tile differ by constants. The start
+// address field (bits 0-13) cannot carry into the others (shared memory is below 256 KB).
+struct TileDesc {
+  uint32_t lo, hi;
+  __device__ __forceinline__ TileDesc(const Tile& t, uint32_t lead, uint32_t stride) {
+    const uint64_t d = GmmaDesc(SmemAddr(t.base), lead, stride);
+    lo = uint32_t(d), hi = uint32_t(d >> 32);
+  }
+  // Element (row, 16-byte chunk) of the tile (`rows` rows per 64-column region), row % 8 == 0, of
+  // the tile `bytes` further on.
+  __device__ __forceinline__ uint64_t At(int rows, int row, int chunk, uint32_t bytes = 0) const {
+    return uint64_t(hi) << 32 | (lo + ((bytes + ((chunk / 8) * rows + row) * 128 + (chunk % 8) * 16) >> 4));
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Problem description shared by the kernels
 
@@ -251,37 +276,42 @@ __device__ __forceinline__ const char* KeyRow(const Params& p, const char* src1,
   return nullptr;
 }
 
-// Issues the cp.async of one 16-byte chunk per row r = r0, r0 + kStep, ... < nrows of `dst` from rows
-// `stride` bytes apart starting at `g`; rows with first + r >= limit are zero-filled (read from
-// `fallback`: nothing, at a valid global address).
-template <int kStep>
-__device__ __forceinline__ void LoadStridedRows(const Tile& dst, int c, int r0, int nrows, int64_t first,
-                                                int64_t limit, const char* g, int64_t stride, const char* fallback) {
+// Issues the cp.async of one 16-byte chunk per row r = r0, r0 + kStep, ... < kRows of `dst` (r0 < kStep)
+// from rows `stride` bytes apart starting at `g`; with kCheck, rows with first + r >= limit are
+// zero-filled (read from `fallback`: nothing, at a valid global address). A fixed trip count, and
+// with kStep a multiple of 8 a fixed swizzle, so the addresses only advance: this runs for every K
+// and V tile, and per-row bounds tests and swizzles were a third of the loop's instructions.
+template <int kStep, int kRows, bool kCheck>
+__device__ __forceinline__ void LoadStridedRows(const Tile& dst, int c, int r0, int64_t first, int64_t limit,
+                                                const char* g, int64_t stride, const char* fallback) {
+  static_assert(kRows % kStep == 0, "whole steps");
+  const uint32_t a0 = dst.Addr(r0, c);
 #pragma unroll
-  for (int r = r0; r < nrows; r += kStep, g += stride) {
-    const bool ok = first + r < limit;
-    CpAsync16(dst.Addr(r, c), ok ? g : fallback, ok);
+  for (int i = 0; i < kRows / kStep; ++i, g += stride) {
+    const int r = r0 + i * kStep;
+    const bool ok = !kCheck || first + r < limit;
+    CpAsync16(kStep % 8 == 0 ? a0 + i * kStep * 128 : dst.Addr(r, c), ok ? g : fallback, ok);
   }
 }
 
-// Loads rows [row0, row0 + nrows) of a (batch, tq, hq, D) array for folded rows of KV head h into
+// Loads rows [row0, row0 + kRows) of a (batch, tq, hq, D) array for folded rows of KV head h into
 // `dst`, zero-filling rows past the end. Each of the kN threads keeps one 16-byte column chunk, and
 // its folded row (t, head in group) is divided out once and then advanced, not divided per row.
-template <int D, int kN>
+template <int D, int kN, int kRows>
 __device__ __forceinline__ void LoadQueryRows(const Params& p, const char* src, const Tile& dst, int b, int h,
-                                              int64_t row0, int nrows) {
+                                              int64_t row0) {
   constexpr int kChunks = D / 8, kStep = kN / kChunks;
   const int c = threadIdx.x % kChunks;
   if (p.hkv == 1) {  // MQA: the folded rows are the array's rows, walked with a fixed stride
     const int r0 = threadIdx.x / kChunks;
     const char* g = src + ((int64_t(b) * p.rows + row0 + r0) * D + c * 8) * 2;
-    LoadStridedRows<kStep>(dst, c, r0, nrows, row0, p.rows, g, kStep * D * 2, src);
+    LoadStridedRows<kStep, kRows, true>(dst, c, r0, row0, p.rows, g, kStep * D * 2, src);
     return;
   }
   int r = threadIdx.x / kChunks, t = (int(row0) + r) / p.group, hh = int(row0) + r - t * p.group;
   const char* g = src + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + hh) + c * 8) * 2;
   const int64_t next_t = int64_t(p.hq - p.group) * D * 2;  // from past the group's heads to the next t
-  for (; r < nrows; r += kStep) {
+  for (; r < kRows; r += kStep) {
     const bool ok = t < p.tq;
     CpAsync16(dst.Addr(r, c), ok ? g : src, ok);
     hh += kStep, g += kStep * D * 2;
@@ -303,7 +333,7 @@ __device__ __forceinline__ void LoadKeyRows(const Params& p, const char* src1, c
   if (j0 + kKeysPerTile <= p.tk1) {
     const int r0 = threadIdx.x / kChunks;
     const char* g = src1 + RowOffset<D>(b, j0 + r0, p.tk1, p.hkv, h) * 2 + c * 16;
-    LoadStridedRows<kStep>(dst, c, r0, kKeysPerTile, 0, kKeysPerTile, g, int64_t(kStep) * p.hkv * D * 2, src1);
+    LoadStridedRows<kStep, kKeysPerTile, false>(dst, c, r0, 0, 0, g, int64_t(kStep) * p.hkv * D * 2, src1);
     return;
   }
   for (int r = threadIdx.x / kChunks; r < kKeysPerTile; r += kStep) {
@@ -404,7 +434,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   // stages): they are the first listed unless a mask hides them, and a short range (a decode split)
   // then waits for one round trip to memory instead of one per tile.
   const int guessed = max(0, min(2, end - begin));
-  LoadQueryRows<D, kFwdRows * 2>(p, p.q, sq, b, h, row0, kFwdRows);
+  LoadQueryRows<D, kFwdRows * 2, kFwdRows>(p, p.q, sq, b, h, row0);
   for (int i = 0; i < guessed; ++i)
     LoadKeyTile<D, kFwdRows * 2>(p, sk(i), sv(i), eff + i * kKeysPerTile, b, h, begin + i);
   CpAsyncCommit();
@@ -435,9 +465,10 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   // cores together; the softmax of S_it runs while the second is still in flight; then O is rescaled.
   // K_it and V_{it-1} were loaded during the previous iteration (stage it % 2 and (it - 1) % 2 of
   // each); K_{it+1} and V_it load during this one, into stages whose previous tiles are done.
-  auto v_desc = [&](int kk, int nc, int st) {
-    return GmmaDesc(sv(st).Addr(16 * kk, 8 * nc), kKeysPerTile * 128, 1024);
-  };
+  // Descriptors: Q and K K-major, V MN-major (the region size as leading byte offset).
+  constexpr uint32_t kStageBytes = kKeysPerTile * D * 2;
+  const TileDesc dq(sq, 16, 1024), dk(sk(0), 16, 1024), dv(sv(0), kKeysPerTile * 128, 1024);
+  auto v_desc = [&](int kk, int nc, int st) { return dv.At(kKeysPerTile, 16 * kk, 8 * nc, st * kStageBytes); };
   if (ready == 0 && n > 0) {
     LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
     StoreKeyEff(p, eff, b, tile_of(0));
@@ -464,8 +495,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     GmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      Elem<T>::template GmmaSS<64, 0, 0>(s, GmmaDesc(sq.Addr(64 * wg, 2 * kk), 16, 1024),
-                                         GmmaDesc(sk(st).Addr(0, 2 * kk), 16, 1024), kk);
+      Elem<T>::template GmmaSS<64, 0, 0>(s, dq.At(kFwdRows, 64 * wg, 2 * kk), dk.At(kKeysPerTile, 0, 2 * kk, st * kStageBytes), kk);
     }
     GmmaCommit();
     if (it > 0) {
@@ -482,19 +512,22 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     }
     GmmaFenceOperands(s);
 
-    // Logits in log2 units; branches stay outside the element loops.
+    // Logits in log2 units are scale * s: a positive scale is applied inside the exponent's FFMA,
+    // after the row maximum of s. Branches stay outside the element loops.
+    float scale = p.softmax_scale * kLog2e;
     if (p.softcap > 0.0f) {
       const float pre = p.softmax_scale / p.softcap, post = p.softcap * kLog2e;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[nt][i] = post * tanhf(pre * s[nt][i]);
-    } else {
-      const float scale = p.softmax_scale * kLog2e;
+      scale = 1.0f;
+    } else if (scale <= 0.0f) {
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[nt][i] *= scale;
+      scale = 1.0f;
     }
     if (!(list[it] & kFullTile)) {
       const int* e = eff + st * kKeysPerTile + 2 * (lane % 4);
@@ -503,7 +536,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
 #pragma unroll
         for (int i = 0; i < 4; ++i) s[nt][i] = e[nt * 8 + (i & 1)] > qb[i / 2] ? -INFINITY : s[nt][i];
     }
-    float mx[2] = {m[0], m[1]};
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -512,25 +545,31 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      base[i] = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row that has seen nothing yet stays at zero
-      alpha[i] = exp2f(m[i] - base[i]);
-      m[i] = mx[i];
+      mx[i] = scale * fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      // The running maximum only moves when the tile's exceeds it by more than kRescaleSlack: P then
+      // stays <= 2^kRescaleSlack (no overflow, the same relative precision), and O is rarely rescaled.
+      const bool move = mx[i] > m[i] + kRescaleSlack;
+      alpha[i] = move ? Exp2(m[i] - mx[i]) : 1.0f;  // 0 for a row that had seen nothing
+      m[i] = move ? mx[i] : m[i];
       l[i] *= alpha[i];
+      base[i] = m[i] == -INFINITY ? 0.0f : m[i];  // a row that has seen nothing yet stays at zero
     }
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[nt][i] = exp2f(s[nt][i] - base[i / 2]);
+        s[nt][i] = Exp2(fmaf(s[nt][i], scale, -base[i / 2]));
         l[i / 2] += s[nt][i];
       }
     }
     GmmaWait<0>();  // the previous tile's P V: O and pa are free again
     GmmaFenceOperands(o);
+    // Most tiles leave the running maxima where they are: the warp then skips the rescale.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-    for (int dt = 0; dt < kDTiles; ++dt) {
-      o[dt][0] *= alpha[0], o[dt][1] *= alpha[0], o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[dt][0] *= alpha[0], o[dt][1] *= alpha[0], o[dt][2] *= alpha[1], o[dt][3] *= alpha[1];
+      }
     }
     // P straight from the S accumulators: their layout is the A operand's.
 #pragma unroll
@@ -571,13 +610,21 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
       sq.Store2(r0 + 8, dt * 8 + 2 * (lane % 4), Elem<T>::Pack(o[dt][2] * inv[1], o[dt][3] * inv[1]));
     }
     __syncwarp();
-    for (int i = lane; i < 16 * kChunks; i += 32) {
-      const int r = 16 * warp + i / kChunks, c = i % kChunks;
-      const int64_t row = row0 + r, t = row / p.group;
-      if (t < p.tq) {
-        char* dst = static_cast<char*>(out.o) + (RowOffset<D>(b, t, p.tq, p.hq, int64_t(h) * p.group + row % p.group) + c * 8) * 2;
-        *reinterpret_cast<int4*>(dst) = *reinterpret_cast<const int4*>(sq.At(r, c));
+    // A warp-wide store covers kRowStep rows. With one KV head (MQA) the folded rows are the
+    // output's rows; else (t, head) comes from a 32-bit division per row (64-bit ones cost ~5% here).
+    constexpr int kRowStep = 32 / kChunks;
+    const int c = lane % kChunks;
+#pragma unroll
+    for (int r = 16 * warp + lane / kChunks; r < 16 * (warp + 1); r += kRowStep) {
+      const int row = int(row0) + r;
+      if (row >= p.rows) break;  // rows grow with r
+      int64_t offset = (int64_t(b) * p.rows + row) * D;
+      if (p.hkv != 1) {
+        const int t = row / p.group;
+        offset = RowOffset<D>(b, t, p.tq, p.hq, h * p.group + row - t * p.group);
       }
+      *reinterpret_cast<int4*>(static_cast<char*>(out.o) + (offset + c * 8) * 2) =
+          *reinterpret_cast<const int4*>(sq.At(r, c));
     }
     if (lane % 4 == 0) {
 #pragma unroll
@@ -710,7 +757,8 @@ __device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], c
                                             int n0, const RowInfo& ri, const int* eff, bool full, const Tile* sp,
                                             const Tile& sds) {
   const int lane = threadIdx.x % 32;
-  float dlogit[4][4];  // d logit / d s, with s in log2 units afterwards
+  float dlogit[4][4];  // d logit / d s
+  float scale = 1.0f;  // logit in log2 units = scale * s afterwards
   if (p.softcap > 0.0f) {
     const float pre = p.softmax_scale / p.softcap, post = p.softcap * kLog2e;
 #pragma unroll
@@ -725,7 +773,8 @@ __device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], c
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[nt][i] *= p.softmax_scale * kLog2e, dlogit[nt][i] = p.softmax_scale;
+      for (int i = 0; i < 4; ++i) dlogit[nt][i] = p.softmax_scale;
+    scale = p.softmax_scale * kLog2e;
   }
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt) {
@@ -736,7 +785,7 @@ __device__ __forceinline__ void SoftmaxGrad(const Params& p, float (&s)[4][4], c
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool vis = full | (eff[c + e] <= ri.qb[r]);
-        pv[e] = vis ? exp2f(s[nt][i + e] - ri.lse2[r]) : 0.0f;
+        pv[e] = vis ? Exp2(fmaf(s[nt][i + e], scale, -ri.lse2[r])) : 0.0f;
         ds[e] = pv[e] * (dp[nt][i + e] - ri.delta[r]) * dlogit[nt][i + e];
       }
       if (sp) sp->Store2(r, c, Elem<T>::Pack(pv[0], pv[1]));
@@ -831,8 +880,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Tile acc_a = wg == 0 ? sp : sds;
   auto load_rows = [&](int i, int st) {
     const int64_t r0 = int64_t(list[i] & ~kFullTile) * kBwdRows;
-    LoadQueryRows<D, kThreads>(p, p.q, sq(st), b, h, r0, kBwdRows);
-    LoadQueryRows<D, kThreads>(p, static_cast<const char*>(g.d_o), sdo(st), b, h, r0, kBwdRows);
+    LoadQueryRows<D, kThreads, kBwdRows>(p, p.q, sq(st), b, h, r0);
+    LoadQueryRows<D, kThreads, kBwdRows>(p, static_cast<const char*>(g.d_o), sdo(st), b, h, r0);
     LoadRowInfo(p, lse2, delta, ri(st), b, h, r0);
   };
   if (n > 0) load_rows(0, 0);
@@ -944,8 +993,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp % 4, wg = warp / 4;
 
-  LoadQueryRows<D, kThreads>(p, p.q, sq, b, h, row0, kBwdRows);
-  LoadQueryRows<D, kThreads>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0, kBwdRows);
+  LoadQueryRows<D, kThreads, kBwdRows>(p, p.q, sq, b, h, row0);
+  LoadQueryRows<D, kThreads, kBwdRows>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0);
   CpAsyncCommit();
   LoadRowInfo(p, lse2, delta, ri, b, h, row0);
   int qmin, qmax;
