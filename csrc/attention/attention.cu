@@ -42,6 +42,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kInvisible = INT_MAX;     // effective block of a key nobody sees
 constexpr int kSeesAll = INT_MAX - 1;   // block of a query when there is no block mask
 constexpr uint16_t kFullTile = 0x8000;  // tile-list flag: every row sees every key of the tile
+constexpr int kMaxSplits = 16;           // forward key splits (CTAs of one cluster; 16 is the largest)
 constexpr float kRescaleSlack = 8.0f;    // forward: log2 units a row maximum may rise before O is rescaled
 
 // ---------------------------------------------------------------------------------------------
@@ -173,6 +174,23 @@ struct Tile {
   }
 };
 
+// wgmma descriptors into a Tile, from one computed at its base: at rows that are multiples of 8 the
+// swizzle adds nothing, so they differ by an offset added to the start address field (bits 0-13,
+// which cannot carry: shared memory is below 256 KB). Building each from its address cost ~15
+// instructions per MMA.
+struct TileDesc {
+  uint32_t lo, hi;
+  int rows;
+  __device__ __forceinline__ TileDesc(const Tile& t, uint32_t lead, uint32_t stride) : rows(t.rows) {
+    const uint64_t d = GmmaDesc(SmemAddr(t.base), lead, stride);
+    lo = uint32_t(d), hi = uint32_t(d >> 32);
+  }
+  // Element (row, 16-byte chunk), row % 8 == 0, of the tile or of the one `bytes` further on.
+  __device__ __forceinline__ uint64_t At(int row, int chunk, uint32_t bytes = 0) const {
+    return uint64_t(hi) << 32 | (lo + ((bytes + ((chunk / 8) * rows + row) * 128 + (chunk % 8) * 16) >> 4));
+  }
+};
+
 template <int N>
 __device__ __forceinline__ void Zero(float (&acc)[N][4]) {
 #pragma unroll
@@ -185,17 +203,16 @@ __device__ __forceinline__ void Zero(float (&acc)[N][4]) {
 template <typename T, int NT, int KSTEPS, bool kATrans, bool kBTrans>
 __device__ __forceinline__ void GroupMmaIssue(float (&acc)[NT][4], const Tile& a, const Tile& b, int n0, int k0 = 0) {
   constexpr int kN = NT * 8 > 128 ? 128 : NT * 8;  // columns per instruction
+  const TileDesc da(a, kATrans ? a.rows * 128 : 16, 1024), db(b, kBTrans ? b.rows * 128 : 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < KSTEPS; ++kk) {
     const int k = k0 + 16 * kk;
-    const uint64_t da = kATrans ? GmmaDesc(a.Addr(k, 0), a.rows * 128, 1024) : GmmaDesc(a.Addr(0, k / 8), 16, 1024);
 #pragma unroll
     for (int nc = 0; nc < NT * 8 / kN; ++nc) {
       const int n = n0 + nc * kN;
-      const uint64_t db =
-          kBTrans ? GmmaDesc(b.Addr(k, n / 8), b.rows * 128, 1024) : GmmaDesc(b.Addr(n, k / 8), 16, 1024);
-      Elem<T>::template GmmaSS<kN, kATrans, kBTrans>(*reinterpret_cast<float(*)[kN / 8][4]>(&acc[nc * kN / 8]), da,
-                                                     db, 1);
+      Elem<T>::template GmmaSS<kN, kATrans, kBTrans>(
+          *reinterpret_cast<float(*)[kN / 8][4]>(&acc[nc * kN / 8]),
+          kATrans ? da.At(k, 0) : da.At(0, k / 8), kBTrans ? db.At(k, n / 8) : db.At(n, k / 8), 1);
     }
   }
 }
@@ -218,21 +235,6 @@ __device__ __forceinline__ float Exp2(float x) {
   return y;
 }
 
-// The wgmma descriptor of a Tile at its byte offset `offset` from `base`: for rows that are multiples
-// of 8 the 128-byte swizzle adds nothing, so descriptors within a tile differ by constants. The start
-// address field (bits 0-13) cannot carry into the others (shared memory is below 256 KB).
-struct TileDesc {
-  uint32_t lo, hi;
-  __device__ __forceinline__ TileDesc(const Tile& t, uint32_t lead, uint32_t stride) {
-    const uint64_t d = GmmaDesc(SmemAddr(t.base), lead, stride);
-    lo = uint32_t(d), hi = uint32_t(d >> 32);
-  }
-  // Element (row, 16-byte chunk) of the tile (`rows` rows per 64-column region), row % 8 == 0, of
-  // the tile `bytes` further on.
-  __device__ __forceinline__ uint64_t At(int rows, int row, int chunk, uint32_t bytes = 0) const {
-    return uint64_t(hi) << 32 | (lo + ((bytes + ((chunk / 8) * rows + row) * 128 + (chunk % 8) * 16) >> 4));
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // Problem description shared by the kernels
@@ -468,7 +470,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   // Descriptors: Q and K K-major, V MN-major (the region size as leading byte offset).
   constexpr uint32_t kStageBytes = kKeysPerTile * D * 2;
   const TileDesc dq(sq, 16, 1024), dk(sk(0), 16, 1024), dv(sv(0), kKeysPerTile * 128, 1024);
-  auto v_desc = [&](int kk, int nc, int st) { return dv.At(kKeysPerTile, 16 * kk, 8 * nc, st * kStageBytes); };
+  auto v_desc = [&](int kk, int nc, int st) { return dv.At(16 * kk, 8 * nc, st * kStageBytes); };
   if (ready == 0 && n > 0) {
     LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
     StoreKeyEff(p, eff, b, tile_of(0));
@@ -495,7 +497,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     GmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      Elem<T>::template GmmaSS<64, 0, 0>(s, dq.At(kFwdRows, 64 * wg, 2 * kk), dk.At(kKeysPerTile, 0, 2 * kk, st * kStageBytes), kk);
+      Elem<T>::template GmmaSS<64, 0, 0>(s, dq.At(64 * wg, 2 * kk), dk.At(0, 2 * kk, st * kStageBytes), kk);
     }
     GmmaCommit();
     if (it > 0) {
@@ -656,36 +658,34 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   cluster.sync();
   const int splits = int(gridDim.z);
   for (int r = split + splits * warp; r < kFwdRows; r += splits * (kFwdRows / 16)) {
-    const int64_t row = row0 + r, t = row / p.group;
+    const int row = int(row0) + r, t = row / p.group;
     if (t >= p.tq) break;  // rows grow with r
+    // Every split's (max, sum) and partial row (columns 2 * lane + 64 * j) load at once: distributed
+    // shared memory is far, and one round trip per batch of splits was the merge's largest cost.
+    // Past the last split, v is 0 and so is its weight.
     const float2 ml = lane < splits ? cluster.map_shared_rank(pml, lane)[r] : make_float2(-INFINITY, 0.0f);
+    float2 v[kMaxSplits][D / 64];
+#pragma unroll
+    for (int u = 0; u < kMaxSplits; ++u) {
+      const float* src = cluster.map_shared_rank(po, min(u, splits - 1)) + r * kStride + 2 * lane;
+#pragma unroll
+      for (int j = 0; j < D / 64; ++j)
+        v[u][j] = u < splits ? *reinterpret_cast<const float2*>(src + 64 * j) : make_float2(0.0f, 0.0f);
+    }
     float mx = ml.x;
     for (int off = 16; off; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     const float w = ml.y > 0.0f ? ml.y * exp2f(ml.x - mx) : 0.0f;  // an empty split weighs nothing
     float sum = w;
     for (int off = 16; off; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    // Columns 2 * lane + 64 * j; 8 splits' loads in flight at a time (distributed shared memory is far).
-    // Past the last split, v is 0 and so is its weight (w is 0 on lanes >= splits).
-    constexpr int kBatch = 8;
     float2 acc[D / 64] = {};
-    for (int s0 = 0; s0 < splits; s0 += kBatch) {
-      float2 v[kBatch][D / 64];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const float* src = cluster.map_shared_rank(po, min(s0 + u, splits - 1)) + r * kStride + 2 * lane;
+    for (int u = 0; u < kMaxSplits; ++u) {
+      const float ws = __shfl_sync(0xffffffffu, w, u);
 #pragma unroll
-        for (int j = 0; j < D / 64; ++j)
-          v[u][j] = s0 + u < splits ? *reinterpret_cast<const float2*>(src + 64 * j) : make_float2(0.0f, 0.0f);
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const float ws = __shfl_sync(0xffffffffu, w, s0 + u);
-#pragma unroll
-        for (int j = 0; j < D / 64; ++j) acc[j].x += ws * v[u][j].x, acc[j].y += ws * v[u][j].y;
-      }
+      for (int j = 0; j < D / 64; ++j) acc[j].x += ws * v[u][j].x, acc[j].y += ws * v[u][j].y;
     }
     const float scale = sum > 0.0f ? 1.0f / sum : 0.0f;
-    const int head = h * p.group + int(row % p.group);
+    const int head = h * p.group + row - t * p.group;
     T* dst = static_cast<T*>(out.o) + RowOffset<D>(b, t, p.tq, p.hq, head) + 2 * lane;
 #pragma unroll
     for (int j = 0; j < D / 64; ++j)
@@ -1140,7 +1140,7 @@ int KeySplits(const Params& p, int n_tiles, int device) {
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 132;  // H100 SXM
   const int64_t row_tiles = int64_t(p.batch) * p.hkv * ((p.rows + 127) / 128);
   if (row_tiles * 2 > sms) return 1;
-  return int(std::max<int64_t>(1, std::min<int64_t>({sms / row_tiles, n_tiles, 16})));
+  return int(std::max<int64_t>(1, std::min<int64_t>({sms / row_tiles, n_tiles, kMaxSplits})));
 }
 
 template <typename T, int D, int kRows>
