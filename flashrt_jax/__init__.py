@@ -9,6 +9,7 @@ from flashrt_jax.ffi import cuda_available
 from flashrt_jax.ops.attention import attention, make_attention_mask_ids, openpi_attention
 from flashrt_jax.ops.gemm import Fp8Activation, Fp8Recipe, Fp8Weight, fp8_dense, fp8_gemm, takes_fp8_path
 from flashrt_jax.ops.quant import dequantize, quantize, quantize_transpose
+from flashrt_jax.reference import DelayedScaling, delayed_scaling, update_delayed_scaling
 from flashrt_jax.ops.fused import (ada_rms_norm_fp8, glu_bwd_fp8, glu_fp8, layer_norm_fp8, residual_rms_norm_fp8,
                                    rms_norm_fp8)
 from flashrt_jax.ops.fused_dense import (fp8_gate_up_weight, fp8_glu_ffn, glu_dense, residual_rms_norm_dense,
@@ -40,6 +41,9 @@ __all__ = [
     "openpi_attention",
     "quantize",
     "quantize_transpose",
+    "DelayedScaling",
+    "delayed_scaling",
+    "update_delayed_scaling",
     "ada_rms_norm_fp8",
     "glu_bwd_fp8",
     "glu_fp8",

@@ -42,6 +42,15 @@ def scale(op: str, name: str, s, shapes: tuple[tuple[int, ...], ...]):
       raise ValueError(f"{op}: {name} must be finite and > 0, got {v if v.size <= 8 else v.ravel()[:8]}")
 
 
+def delayed_scaling(op: str, name: str, state, granularity):
+  """A DelayedScaling `state`: its history a non-empty 1-D float32 array, its scale a valid () scale;
+  per tensor, so no granularity="row"."""
+  array(op, f"{name}.amax_history", state.amax_history, (jnp.dtype(jnp.float32),), rank=1)
+  scale(op, f"{name}.scale", state.scale, ((),))
+  if granularity == "row":
+    raise ValueError(f"{op}: granularity='row' cannot take a DelayedScaling {name}: delayed scaling is per tensor")
+
+
 def dtype(op: str, name: str, value, allowed) -> np.dtype:
   """`value` as a dtype, one of `allowed`; anything else (None, an unknown name) is a ValueError."""
   try:

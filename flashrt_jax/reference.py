@@ -12,6 +12,7 @@ bits (the tests do).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,20 +76,49 @@ def quantize_with_scale(x, scale, dtype):
   return _round_to_fp8_grid(v, dtype).astype(dtype)  # exact in dtype: the cast cannot round again
 
 
+class DelayedScaling(NamedTuple):
+  """Delayed scaling (Transformer Engine's recipe), a pytree carried from step to step: an op given
+  it as `scale` quantizes per tensor with `scale` and returns the next state, which records this
+  tensor's amax. Not differentiable."""
+  amax_history: jax.Array  # (history_len,) float32, newest first
+  scale: jax.Array  # () float32
+
+
+def delayed_scaling(history_len: int = 16) -> DelayedScaling:
+  """A fresh state: scale 1, an all-zero amax history of `history_len` entries."""
+  if isinstance(history_len, bool) or not isinstance(history_len, int) or history_len < 1:
+    raise ValueError(f"delayed_scaling: history_len must be an int >= 1, got {history_len!r}")
+  return DelayedScaling(jnp.zeros((history_len,), jnp.float32), jnp.ones((), jnp.float32))
+
+
+def update_delayed_scaling(state: DelayedScaling, amax_value, dtype) -> DelayedScaling:
+  """The next state after quantizing a tensor of amax `amax_value` () to `dtype`: the history rolls by
+  one with amax_value first, and the scale becomes scale_from_amax(max(history)), or stays as it was
+  where that max is 0 or not finite (a NaN or inf amax holds the scale until it leaves the history)."""
+  history = jnp.concatenate([jnp.reshape(amax_value, (1,)).astype(jnp.float32), state.amax_history[:-1]])
+  m = jnp.max(history)
+  scale = jnp.where((m > 0) & jnp.isfinite(m), scale_from_amax(m, dtype), state.scale)
+  return DelayedScaling(history, scale)
+
+
 def quantize(x, *, dtype=jnp.float8_e4m3fn, scale=None, granularity: str = "tensor"):
-  """x (..., K) float -> (q (..., K) dtype, scale () or (..., 1) float32); scale=None: current scaling."""
+  """x (..., K) float -> (q (..., K) dtype, scale () or (..., 1) float32); scale=None: current scaling.
+  With a DelayedScaling `scale`: (q, scale (), next state)."""
+  if isinstance(scale, DelayedScaling):
+    q, s = quantize(x, dtype=dtype, scale=scale.scale)
+    return q, s, update_delayed_scaling(scale, amax(x), dtype)
   if scale is None:
     scale = scale_from_amax(amax(x, granularity), dtype)
   return quantize_with_scale(x, scale, dtype), scale
 
 
 def quantize_transpose(x, *, dtype=jnp.float8_e4m3fn, scale=None):
-  """x (M, K) -> (q (M, K), q_t (K, M rounded up to 16) zero padded, scale ())."""
-  q, scale = quantize(x, dtype=dtype, scale=scale)
+  """x (M, K) -> (q (M, K), q_t (K, M rounded up to 16) zero padded, scale ()[, next state])."""
+  q, *rest = quantize(x, dtype=dtype, scale=scale)
   m = x.shape[0]
   pad = -(-m // 16) * 16 - m
   q_t = jnp.pad(q.T.astype(jnp.float32), ((0, 0), (0, pad))).astype(dtype)
-  return q, q_t, scale
+  return (q, q_t, *rest)
 
 
 def dequantize(q, scale, dtype=jnp.bfloat16):
@@ -193,8 +223,9 @@ def _as_f32(x):
 
 
 def _fp8_output(y, dtype, scale, granularity, with_unquantized, y_dtype):
-  q, s = quantize(y, dtype=dtype, scale=scale, granularity=granularity)
-  return (q, s, y.astype(y_dtype)) if with_unquantized else (q, s)
+  """(q, scale[, y in y_dtype][, next state of a DelayedScaling scale])."""
+  q, s, *state = quantize(y, dtype=dtype, scale=scale, granularity=granularity)
+  return (q, s) + ((y.astype(y_dtype),) if with_unquantized else ()) + tuple(state)
 
 
 def rms_norm(x, weight=None, *, eps=1e-6, offset=1.0):
@@ -242,7 +273,8 @@ def glu(gate, up=None, *, activation: str = "gelu_tanh"):
 
 def rms_norm_fp8(x, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity="row",
                  dtype=jnp.float8_e4m3fn, with_unquantized=False):
-  """(q, scale[, y]) of rms_norm(x, weight); y in x.dtype."""
+  """(q, scale[, y][, next state]) of rms_norm(x, weight); y in x.dtype; the next state with a
+  DelayedScaling scale (then per tensor, whatever granularity says), as for every fused producer."""
   y = rms_norm(x, weight, eps=eps, offset=offset)
   return _fp8_output(y, dtype, scale, granularity, with_unquantized, x.dtype)
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import normal
 
-from flashrt_jax import Fp8Recipe, Fp8Weight, dequantize, fp8_dense, fp8_gemm, quantize, quantize_transpose
+from flashrt_jax import (DelayedScaling, Fp8Recipe, Fp8Weight, delayed_scaling, dequantize, fp8_dense, fp8_gemm,
+                         quantize, quantize_transpose)
 from flashrt_jax.ffi import gemm as raw_gemm
 from flashrt_jax.ffi import quant as raw_quant
 
@@ -60,6 +61,27 @@ def bad_scales(op, arg, call):
   ]
 
 
+def bad_states(op, call):
+  """A DelayedScaling `scale` with a bad history or scale: `call(inputs, state)`."""
+  state = delayed_scaling(4)
+  return [
+      case(f"{op}-state-history-list", lambda i: call(i, state._replace(amax_history=[0.0])), TypeError,
+           rf"{op}: scale.amax_history must be an array, got list"),
+      case(f"{op}-state-history-bf16", lambda i: call(i, state._replace(amax_history=jnp.zeros((4,), BF16))),
+           TypeError, rf"{op}: scale.amax_history must be float32, got bfloat16"),
+      case(f"{op}-state-history-rank2", lambda i: call(i, state._replace(amax_history=jnp.zeros((4, 1), F32))),
+           ValueError, rf"{op}: scale.amax_history must have rank 1, got shape \(4, 1\)"),
+      case(f"{op}-state-history-empty", lambda i: call(i, state._replace(amax_history=jnp.zeros((0,), F32))),
+           ValueError, rf"{op}: scale.amax_history must not be empty"),
+      case(f"{op}-state-scale-shape", lambda i: call(i, state._replace(scale=jnp.ones((1,), F32))), ValueError,
+           rf"{op}: scale.scale must have shape \(\), got \(1,\)"),
+      case(f"{op}-state-scale-f16", lambda i: call(i, state._replace(scale=jnp.float16(1))), TypeError,
+           rf"{op}: scale.scale must be float32, got float16"),
+      case(f"{op}-state-scale-zero", lambda i: call(i, state._replace(scale=jnp.float32(0))), ValueError,
+           rf"{op}: scale.scale must be finite and > 0"),
+  ]
+
+
 QUANTIZE = [
     case("quantize-x-int32", lambda i: quantize(i.x.astype(jnp.int32)), TypeError, r"quantize: x must be float32"),
     case("quantize-x-fp8", lambda i: quantize(i.q), TypeError, r"quantize: x must be float32"),
@@ -79,6 +101,15 @@ QUANTIZE = [
     case("quantize-scale-row-zero", lambda i: quantize(i.x, scale=i.s_row.at[7].set(0.0)), ValueError,
          r"quantize: scale must be finite and > 0"),
     *bad_scales("quantize", "scale", lambda i, s: quantize(i.x, scale=s)),
+    *bad_states("quantize", lambda i, s: quantize(i.x, scale=s)),
+    case("quantize-state-row", lambda i: quantize(i.x, scale=delayed_scaling(), granularity="row"), ValueError,
+         r"quantize: granularity='row' cannot take a DelayedScaling scale: delayed scaling is per tensor"),
+    case("delayed_scaling-zero", lambda i: delayed_scaling(0), ValueError,
+         r"delayed_scaling: history_len must be an int >= 1, got 0"),
+    case("delayed_scaling-float", lambda i: delayed_scaling(4.0), ValueError,
+         r"delayed_scaling: history_len must be an int >= 1, got 4.0"),
+    case("quantize-state-as-tuple", lambda i: quantize(i.x, scale=tuple(DelayedScaling(i.s[None], i.s))),
+         TypeError, r"quantize: scale must be a float32 array, got tuple"),
 ]
 
 QUANTIZE_TRANSPOSE = [
@@ -95,6 +126,7 @@ QUANTIZE_TRANSPOSE = [
     case("quantize_transpose-scale-row", lambda i: quantize_transpose(i.x, scale=i.s_row), ValueError,
          r"quantize_transpose: scale must have shape \(\)"),
     *bad_scales("quantize_transpose", "scale", lambda i, s: quantize_transpose(i.x, scale=s)),
+    *bad_states("quantize_transpose", lambda i, s: quantize_transpose(i.x, scale=s)),
 ]
 
 DEQUANTIZE = [
@@ -244,6 +276,10 @@ RAW_CASES = [
                  r"quantize: scale must hold 1 value or one per row \(51\), got 50", id="quantize_static-scale-rows"),
     pytest.param(lambda: raw_quant.quantize_static(_x(), jnp.ones((), jnp.float16), E4M3),
                  r"quantize: scale must be float32", id="quantize_static-scale-f16"),
+    pytest.param(lambda: jax.ffi.ffi_call("flashrt_quantize_static", (jax.ShapeDtypeStruct((51, 64), E4M3),
+                                                                      jax.ShapeDtypeStruct((51, 1), F32)))(
+                     _x(), jnp.ones((), F32)),
+                 r"quantize: amax result must be float32 shaped like scale", id="quantize_static-amax-shape"),
     pytest.param(lambda: raw_quant.quantize_current(_x().astype(jnp.int32), E4M3, False),
                  r"quantize: x must be float32, bfloat16 or float16", id="quantize_current-x-int32"),
     pytest.param(lambda: raw_quant.quantize_current(_x(), BF16, False),

@@ -1,5 +1,6 @@
 """Fused FP8 producers (rms / residual-rms / layer / ada-rms norm, GLU, each + quantize): against the
-pure-JAX reference on fresh random inputs, edge values, gradients, transformations and bad input.
+pure-JAX reference on fresh random inputs, edge values, gradients, transformations and bad input;
+with current, static and delayed scaling.
 
 The kernels sum a row's squares in another order than XLA and use their own tanh / exp / rsqrt, so
 y matches the reference to rounding, and q can differ from the reference's q where y / scale falls
@@ -26,8 +27,10 @@ F32, BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 # (input dtype, FP8 dtype): float32 inputs give float32 y, which makes q checkable bit for bit.
 DTYPES = [pytest.param(F32, E4M3, id="f32-e4m3"), pytest.param(BF16, E4M3, id="bf16-e4m3"),
           pytest.param(BF16, E5M2, id="bf16-e5m2")]
-SCALINGS = [("row", "current"), ("tensor", "current"), ("row", "static"), ("tensor", "static")]
+SCALINGS = [("row", "current"), ("tensor", "current"), ("row", "static"), ("tensor", "static"), ("tensor", "delayed")]
 SCALING_IDS = [f"{g}-{s}" for g, s in SCALINGS]
+NO_TENSOR_STATIC = [SCALINGS[i] for i in (0, 1, 2, 4)]  # for the ops with more cases per scaling
+NO_TENSOR_STATIC_IDS = [SCALING_IDS[i] for i in (0, 1, 2, 4)]
 # Rows 1, 51, 867; widths 1024 / 2048 (vector paths, one warp and several per row), 1000 (vector
 # path in bf16, 250 float32 vectors) and 37 / 1001 (scalar path); a 3-D case.
 NORM_SHAPES = [(1, 1024), (51, 2048), (867, 1000), (51, 1001), (2, 3, 37)]
@@ -77,14 +80,42 @@ def _static_scale(rng, y_ref, dtype, granularity):
   return jnp.asarray(s)
 
 
+def given_scale(rng, kw, y0, scaling):
+  """kw with the scale of a static / delayed scaling case (y0: the op's values), and that scale."""
+  if scaling == "current":
+    return kw, None
+  scale = _static_scale(rng, y0.astype(jnp.float32), kw["dtype"], kw["granularity"])
+  if scaling == "delayed":
+    return dict(kw, scale=flashrt_jax.DelayedScaling(jnp.asarray(rng.uniform(0.5, 2.0, 3), F32), scale)), scale
+  return dict(kw, scale=scale), scale
+
+
+def check_delayed(call, kw, out, expect, case):
+  """With a DelayedScaling scale: every output but the state is static scaling's with state.scale, and
+  the next state records max |y| (to y's rounding against the reference; exactly with float32 y).
+  Returns out and expect without the state."""
+  state, new, new_ref = kw["scale"], out[-1], expect[-1]
+  for a, b in zip(out[:-1], call(**dict(kw, scale=state.scale))):
+    (assert_fp8_equal if a.dtype.itemsize == 1 else assert_bits_equal)(a, b, f"{case}: vs static scaling")
+  assert_bits_equal(new.amax_history[1:], state.amax_history[:-1], f"{case}: history roll")
+  np.testing.assert_allclose(np.asarray(new.amax_history[0]), np.asarray(new_ref.amax_history[0]), rtol=2e-5,
+                             err_msg=f"{case}: amax")
+  np.testing.assert_allclose(np.asarray(new.scale), np.asarray(new_ref.scale), rtol=2e-5, err_msg=f"{case}: scale")
+  y = out[-2]
+  if y.dtype == F32:
+    assert_bits_equal(new.amax_history[0], np.max(np.abs(np.asarray(y))), f"{case}: amax vs max |y|")
+  return out[:-1], expect[:-1]
+
+
 def check_fused(op, ref, args, kwargs, *, dtype, granularity, scaling, rng, case, has_residual=False):
   """Runs op(*args, **kwargs, with_unquantized=True) against ref on the CPU, the given way of scaling."""
   kw = dict(kwargs, dtype=dtype, granularity=granularity, with_unquantized=True)
-  if scaling == "static":
-    y0 = on_cpu(ref, *args, **dict(kw, granularity="row"))[-1]
-    kw["scale"] = _static_scale(rng, y0.astype(jnp.float32), dtype, granularity)
+  y0 = on_cpu(ref, *args, **dict(kw, granularity="row"))[-1] if scaling != "current" else None
+  kw, given = given_scale(rng, kw, y0, scaling)
   out = op(*args, **kw)
   expect = on_cpu(ref, *args, **kw)
+  if scaling == "delayed":
+    out, expect = check_delayed(lambda **k: op(*args, **k), kw, out, expect, case)
   if has_residual:
     assert_bits_equal(out[0], expect[0], f"{case}: new residual")
     out, expect = out[1:], expect[1:]
@@ -95,13 +126,13 @@ def check_fused(op, ref, args, kwargs, *, dtype, granularity, scaling, rng, case
   assert s.dtype == F32 and s.shape == s_shape, f"{case}: scale is {s.dtype} {s.shape}"
   assert y.dtype == y_ref.dtype and y.shape == y_ref.shape, f"{case}: y is {y.dtype} {y.shape}"
   assert_y_close(y, y_ref, case)
-  if scaling == "static":
-    assert_bits_equal(s, kw["scale"], f"{case}: the given scale must come back")
+  if given is not None:
+    assert_bits_equal(s, given, f"{case}: the given scale must come back")
   else:
     np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=2e-5, err_msg=f"{case}: scale")  # a few ulps: sum order, rsqrt
   assert_q_close(q, s, q_ref, s_ref, f"{case}: q")
   if y.dtype == F32:  # exact: q is quantize() of the op's own float32 y
-    q_own, s_own = on_cpu(reference.quantize, y, dtype=dtype, granularity=granularity, scale=kw.get("scale"))
+    q_own, s_own, *_ = on_cpu(reference.quantize, y, dtype=dtype, granularity=granularity, scale=kw.get("scale"))
     assert_fp8_equal(q, q_own, f"{case}: q vs quantize(y)")
     assert_bits_equal(s, s_own, f"{case}: scale vs quantize(y)")
   return out
@@ -149,7 +180,7 @@ def test_residual_rms_norm_fp8(platform, rng, x_dtype, dtype, granularity, scali
 
 @pytest.mark.parametrize("params", ["gamma-beta", "gamma", "none"])
 @pytest.mark.parametrize("shape", [(1, 1024), (51, 2048), (867, 1001)], ids=str)
-@pytest.mark.parametrize("granularity,scaling", SCALINGS[:3], ids=SCALING_IDS[:3])
+@pytest.mark.parametrize("granularity,scaling", NO_TENSOR_STATIC, ids=NO_TENSOR_STATIC_IDS)
 @pytest.mark.parametrize("x_dtype,dtype", DTYPES[:2])
 def test_layer_norm_fp8(platform, rng, x_dtype, dtype, granularity, scaling, shape, params):
   case = _case(f"layer_norm_fp8 {params}", x_dtype, dtype, granularity, scaling, shape, platform)
@@ -257,19 +288,25 @@ def _grad_case(name, rng):
   return cases[name]
 
 
+def _grad_loss(out):
+  """A loss of every output (q, scale, y, a new residual) but a delayed-scaling state."""
+  q, s, y = out[-3:]
+  total = jnp.sum(reference.dequantize(q, s, jnp.float32) * 0.7) + jnp.sum(y.astype(jnp.float32) ** 2)
+  return total + (jnp.sum(jnp.sin(out[0])) if len(out) == 4 else 0.0)
+
+
+GRAD_OPS = ["rms_norm_fp8", "residual_rms_norm_fp8", "layer_norm_fp8", "ada_rms_norm_fp8", "glu_fp8"]
+
+
 @pytest.mark.parametrize("granularity", ["row", "tensor"])
-@pytest.mark.parametrize("name", ["rms_norm_fp8", "residual_rms_norm_fp8", "layer_norm_fp8", "ada_rms_norm_fp8",
-                                  "glu_fp8"])
+@pytest.mark.parametrize("name", GRAD_OPS)
 def test_grad_matches_reference(platform, rng, name, granularity):
   case = f"grad {name} {granularity} on {platform}"
   call, args = _grad_case(name, rng)
 
   def grads(fn):
     def loss(*args):
-      out = call(lambda *a: fn(*a, granularity=granularity, with_unquantized=True), *args)
-      q, s, y = out[-3:]
-      total = jnp.sum(reference.dequantize(q, s, jnp.float32) * 0.7) + jnp.sum(y.astype(jnp.float32) ** 2)
-      return total + (jnp.sum(jnp.sin(out[0])) if len(out) == 4 else 0.0)
+      return _grad_loss(call(lambda *a: fn(*a, granularity=granularity, with_unquantized=True), *args))
     return jax.grad(loss, argnums=(0, 1))(*args)
 
   ours = grads(getattr(flashrt_jax, name))
@@ -277,6 +314,26 @@ def test_grad_matches_reference(platform, rng, name, granularity):
   for arg, a, b in zip(("x", "w"), ours, ref):
     assert float(jnp.linalg.norm(b)) > 0, f"{case}: reference d{arg} is zero; the case tests nothing"
     assert rel_l2(a, b) <= 1e-4, f"{case}: d{arg} rel L2 {rel_l2(a, b):.2e}"
+
+
+@pytest.mark.parametrize("name", GRAD_OPS)
+def test_grad_with_delayed_state(platform, rng, name):
+  """Under jit and grad: the state takes zero gradient, the inputs those of static scaling."""
+  case = f"grad {name} delayed on {platform}"
+  call, args = _grad_case(name, rng)
+  state = flashrt_jax.DelayedScaling(jnp.asarray([2.0, 1.0], F32), jnp.float32(0.02))
+
+  def loss(scale, *args):
+    out = call(lambda *a: getattr(flashrt_jax, name)(*a, scale=scale, with_unquantized=True), *args)
+    return _grad_loss(out[:-1] if isinstance(scale, flashrt_jax.DelayedScaling) else out)
+
+  dstate, *ours = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(state, *args)
+  _, *static = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(state.scale, *args)
+  for arg, a, b in zip(("x", "w"), ours, static):
+    assert float(jnp.linalg.norm(b)) > 0, f"{case}: static d{arg} is zero; the case tests nothing"
+    assert rel_l2(a, b) <= 1e-6, f"{case}: d{arg} rel L2 {rel_l2(a, b):.2e} from static scaling's"
+  for field, d in zip(state._fields, dstate):
+    assert not np.asarray(d).any(), f"{case}: d{field} must be zero"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +364,8 @@ def test_vmap_matches_loop(platform, rng, granularity, scaling):
   scale = None
   if scaling == "static":
     scale = jnp.full((3,) + ((2, 17, 1) if granularity == "row" else ()), 0.01, F32)
+  if scaling == "delayed":
+    scale = flashrt_jax.DelayedScaling(jnp.zeros((3, 2), F32), jnp.full((3,), 0.01, F32))
 
   def one(x, mod, w, s):
     return (flashrt_jax.ada_rms_norm_fp8(x, mod, mod, scale=s, granularity=granularity),
@@ -314,28 +373,54 @@ def test_vmap_matches_loop(platform, rng, granularity, scaling):
             flashrt_jax.glu_fp8(x, x * 2, scale=s, granularity=granularity))
 
   batched = jax.vmap(one)(x, mods, w, scale)
-  looped = [one(x[i], mods[i], w[i], None if scale is None else scale[i]) for i in range(3)]
+  looped = [one(x[i], mods[i], w[i], jax.tree_util.tree_map(lambda a: a[i], scale)) for i in range(3)]
   for k, name in enumerate(("ada_rms_norm_fp8", "rms_norm_fp8", "glu_fp8")):
     for i in range(3):
       assert_fp8_equal(batched[k][0][i], looped[i][k][0], f"{case}: {name} q[{i}]")
       assert_bits_equal(batched[k][1][i], looped[i][k][1], f"{case}: {name} scale[{i}]")
+      if scaling == "delayed":  # one amax per vmapped tensor
+        assert_bits_equal(batched[k][2].amax_history[i], looped[i][k][2].amax_history, f"{case}: {name} history[{i}]")
 
 
-def test_scan_and_checkpoint(platform, rng):
-  x = normal(rng, (4, 51, 1024), BF16)
+@pytest.mark.parametrize("name", ["rms_norm_fp8", "glu_fp8", "glu_bwd_fp8"])
+def test_vmap_delayed_amax_per_tensor(platform, rng, name):
+  """Under vmap a given scale makes one call over every row, with one amax per vmapped tensor: each
+  is max |y| of its own float32 y, bit for bit, where the tensors' rows share blocks of the kernel."""
+  x = normal(rng, (5, 301, 1024)) * jnp.arange(1.0, 6.0)[:, None, None]
+  states = flashrt_jax.DelayedScaling(jnp.zeros((5, 2), F32), jnp.full((5,), 0.05, F32))
+  ops = {"rms_norm_fp8": lambda x, st: flashrt_jax.rms_norm_fp8(x, x[0], scale=st, with_unquantized=True),
+         "glu_fp8": lambda x, st: flashrt_jax.glu_fp8(x, x * 0.5, scale=st, with_unquantized=True),
+         "glu_bwd_fp8": lambda x, st: flashrt_jax.glu_bwd_fp8(jnp.concatenate([x, x], -1), x, activation="silu",
+                                                              scale=st, with_unquantized=True)}
+  *_, y, new = jax.vmap(ops[name])(x, states)
+  amax = np.max(np.abs(np.asarray(y)), axis=(1, 2))
+  assert len(set(amax.tolist())) == 5, f"{name} on {platform}: the case needs distinct amaxes, got {amax}"
+  assert_bits_equal(new.amax_history[:, 0], amax, f"vmap {name} delayed on {platform}: amax per tensor")
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_scan_and_checkpoint(platform, rng, scaling):
+  """A layer stack's scan: the residual stream and, with delayed scaling, the state in the carry."""
+  case = f"scan {scaling} on {platform}"
+  x = normal(rng, (4, 51, 1024), BF16) * jnp.asarray([1.0, 8.0, 0.5, 2.0], BF16)[:, None, None]
   w = normal(rng, (1024,))
+  state0 = flashrt_jax.delayed_scaling(2) if scaling == "delayed" else None
 
-  def body(carry, xi):
-    h, q, s = flashrt_jax.residual_rms_norm_fp8(xi, carry, w)
-    return h, flashrt_jax.dequantize(q, s, jnp.float32).sum()
+  def scan(op, dequantize, x):
+    def body(carry, xi):
+      residual, state = carry
+      out = op(xi, residual, w, scale=state)  # (h, q, scale[, next state])
+      return (out[0], None if state is None else out[3]), dequantize(out[1], out[2], jnp.float32).sum()
+    return jax.lax.scan(jax.checkpoint(body), (jnp.zeros_like(x[0]), state0), x)
 
-  carry, sums = jax.lax.scan(jax.checkpoint(body), jnp.zeros_like(x[0]), x)
-  carry_ref, sums_ref = on_cpu(lambda x: jax.lax.scan(lambda c, xi: (
-      lambda h, q, s: (h, reference.dequantize(q, s, jnp.float32).sum()))(
-          *reference.residual_rms_norm_fp8(xi, c, w)), jnp.zeros_like(x[0]), x), x)
-  assert_bits_equal(carry, carry_ref, f"scan on {platform}: residual stream")
-  np.testing.assert_allclose(np.asarray(sums), np.asarray(sums_ref), rtol=1e-3, err_msg=f"scan on {platform}")
-  g = jax.grad(lambda x: jax.lax.scan(jax.checkpoint(body), jnp.zeros_like(x[0]), x)[1].sum())(x)
+  carry, sums = scan(flashrt_jax.residual_rms_norm_fp8, flashrt_jax.dequantize, x)
+  carry_ref, sums_ref = on_cpu(scan, reference.residual_rms_norm_fp8, reference.dequantize, x)
+  assert_bits_equal(carry[0], carry_ref[0], f"{case}: residual stream")
+  np.testing.assert_allclose(np.asarray(sums), np.asarray(sums_ref), rtol=1e-3, err_msg=case)
+  if state0 is not None:
+    for a, b in zip(carry[1], carry_ref[1]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, err_msg=f"{case}: state")
+  g = jax.grad(lambda x: scan(flashrt_jax.residual_rms_norm_fp8, flashrt_jax.dequantize, x)[1].sum())(x)
   assert np.isfinite(np.asarray(g, np.float32)).all(), f"scan grad on {platform}"
 
 
@@ -353,6 +438,7 @@ def _f(fn, *args, **kw):
 
 X, W = jnp.ones((51, 64), BF16), jnp.ones((64,), F32)
 X3 = jnp.ones((2, 17, 64), BF16)
+STATE = flashrt_jax.delayed_scaling(2)
 BAD = [
     _bad("rms-x-int", _f(flashrt_jax.rms_norm_fp8, X.astype(jnp.int32)), TypeError, r"rms_norm_fp8: x must be float32"),
     _bad("rms-x-fp8", _f(flashrt_jax.rms_norm_fp8, X.astype(E4M3)), TypeError, r"rms_norm_fp8: x must be float32"),
@@ -402,6 +488,19 @@ BAD = [
     _bad("glu-gate-empty", _f(flashrt_jax.glu_fp8, X[:, :0], X[:, :0]), ValueError, r"glu_fp8: gate must not be empty"),
     _bad("glu-scale-shape", _f(flashrt_jax.glu_fp8, X, scale=jnp.ones((51, 2), F32)), ValueError,
          r"glu_fp8: scale must have shape \(\) or \(51, 1\), got \(51, 2\)"),
+    _bad("rms-state-row", _f(flashrt_jax.rms_norm_fp8, X, scale=STATE, granularity="row"), ValueError,
+         r"rms_norm_fp8: granularity='row' cannot take a DelayedScaling scale"),
+    _bad("residual-state-history-rank", _f(flashrt_jax.residual_rms_norm_fp8, X, X,
+                                           scale=STATE._replace(amax_history=jnp.zeros((2, 2), F32))),
+         ValueError, r"residual_rms_norm_fp8: scale.amax_history must have rank 1, got shape \(2, 2\)"),
+    _bad("layer-state-history-empty", _f(flashrt_jax.layer_norm_fp8, X,
+                                         scale=STATE._replace(amax_history=jnp.zeros((0,), F32))),
+         ValueError, r"layer_norm_fp8: scale.amax_history must not be empty"),
+    _bad("ada-state-scale-bf16", _f(flashrt_jax.ada_rms_norm_fp8, X3, X3, X3,
+                                    scale=STATE._replace(scale=jnp.ones((), BF16))),
+         TypeError, r"ada_rms_norm_fp8: scale.scale must be float32, got bfloat16"),
+    _bad("glu-state-scale-shape", _f(flashrt_jax.glu_fp8, X, scale=STATE._replace(scale=jnp.ones((1,), F32))),
+         ValueError, r"glu_fp8: scale.scale must have shape \(\), got \(1,\)"),
 ]
 
 
@@ -432,6 +531,11 @@ RAW_BAD = [
     pytest.param(lambda: raw.glu_fp8(jnp.ones((2, 2 * 16392), BF16), None, None, activation="silu", dtype=E4M3,
                                      rowwise=True, with_y=False),
                  r"glu_fp8: gate rows must hold at most 16384", id="glu-too-wide"),
+    pytest.param(lambda: jax.ffi.ffi_call("flashrt_glu_fp8", [jax.ShapeDtypeStruct((51, 32), E4M3),
+                                                              jax.ShapeDtypeStruct((2,), F32)])(
+                     X, jnp.ones((), F32), activation=np.int32(1), merged=np.bool_(True), static_scale=np.bool_(True),
+                     with_y=np.bool_(False)),
+                 r"glu_fp8: amax result must be float32 with one value per given scale \(1\)", id="glu-static-amax"),
 ]
 
 
@@ -470,22 +574,24 @@ def _check_glu_bwd(rng, shape, x_dtype, dtype, granularity, scaling, activation,
   gate_up = normal(rng, shape[:-1] + (2 * f,), x_dtype, std=2.0)
   dh = normal(rng, shape, x_dtype)
   kw = dict(activation=activation, dtype=dtype, granularity=granularity, with_unquantized=True, col_scale=col_scale)
-  if scaling == "static":
-    d0 = on_cpu(reference.glu_bwd_fp8, gate_up, dh, **dict(kw, granularity="row"))[-1]
-    kw["scale"] = _static_scale(rng, d0.astype(jnp.float32), dtype, granularity)
-  q, s, y = flashrt_jax.glu_bwd_fp8(gate_up, dh, **kw)
-  q_ref, s_ref, y_ref = on_cpu(reference.glu_bwd_fp8, gate_up, dh, **kw)
+  d0 = on_cpu(reference.glu_bwd_fp8, gate_up, dh, **dict(kw, granularity="row"))[-1] if scaling != "current" else None
+  kw, given = given_scale(rng, kw, d0, scaling)
+  out = flashrt_jax.glu_bwd_fp8(gate_up, dh, **kw)
+  expect = on_cpu(reference.glu_bwd_fp8, gate_up, dh, **kw)
+  if scaling == "delayed":
+    out, expect = check_delayed(lambda **k: flashrt_jax.glu_bwd_fp8(gate_up, dh, **k), kw, out, expect, case)
+  (q, s, y), (q_ref, s_ref, y_ref) = out, expect
   s_shape = gate_up.shape[:-1] + (1,) if granularity == "row" else ()
   assert q.dtype == dtype and q.shape == gate_up.shape, f"{case}: q is {q.dtype} {q.shape}"
   assert s.dtype == F32 and s.shape == s_shape, f"{case}: scale is {s.dtype} {s.shape}"
   assert y.dtype == gate_up.dtype and y.shape == gate_up.shape, f"{case}: y is {y.dtype} {y.shape}"
-  if scaling == "static":
-    assert_bits_equal(s, kw["scale"], f"{case}: the given scale must come back")
+  if given is not None:
+    assert_bits_equal(s, given, f"{case}: the given scale must come back")
   else:
     np.testing.assert_allclose(np.asarray(s), np.asarray(s_ref), rtol=2e-5, err_msg=f"{case}: scale")
   _assert_glu_bwd_close(q, s, y, q_ref, s_ref, y_ref, case)
   if y.dtype == F32:  # exact: q is quantize() of the op's own float32 values
-    q_own, s_own = on_cpu(reference.quantize, y, dtype=dtype, granularity=granularity, scale=kw.get("scale"))
+    q_own, s_own, *_ = on_cpu(reference.quantize, y, dtype=dtype, granularity=granularity, scale=kw.get("scale"))
     assert_fp8_equal(q, q_own, f"{case}: q vs quantize(y)")
     assert_bits_equal(s, s_own, f"{case}: scale vs quantize(y)")
 
@@ -497,7 +603,7 @@ GLU_BWD_SHAPES = [(51, 32), (51, 1024), (1, 16384), (2, 3, 37)]
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
 @pytest.mark.parametrize("shape", GLU_BWD_SHAPES, ids=str)
-@pytest.mark.parametrize("granularity,scaling", SCALINGS[:3], ids=SCALING_IDS[:3])
+@pytest.mark.parametrize("granularity,scaling", NO_TENSOR_STATIC, ids=NO_TENSOR_STATIC_IDS)
 @pytest.mark.parametrize("x_dtype,dtype", [pytest.param(F32, E5M2, id="f32-e5m2"),
                                            pytest.param(BF16, E5M2, id="bf16-e5m2"),
                                            pytest.param(BF16, E4M3, id="bf16-e4m3")])
@@ -549,6 +655,9 @@ GLU_BWD_BAD = [
          r"glu_bwd_fp8: scale must have shape \(\) or \(51, 1\), got \(51, 2\)"),
     _bad("glu-bwd-dtype", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32], activation="silu", dtype=BF16), ValueError,
          r"glu_bwd_fp8: dtype must be"),
+    _bad("glu-bwd-state-row", _f(flashrt_jax.glu_bwd_fp8, X, X[:, :32], activation="silu", scale=STATE,
+                                 granularity="row"), ValueError,
+         r"glu_bwd_fp8: granularity='row' cannot take a DelayedScaling scale"),
 ]
 
 

@@ -1,5 +1,6 @@
 """quantize, quantize_transpose and dequantize: bit for bit against the numpy oracle (ml_dtypes
-casts), edge values, and gradients against the reference's."""
+casts), edge values, gradients against the reference's, and delayed scaling (the amax a given scale's
+kernel returns, the state's update rule, a training loop)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (AMAX_FLOOR, E4M3, E5M2, FP8_MAX, assert_bits_equal, assert_fp8_equal, normal,
-                      np_dequantize, np_quantize, on_cpu, rel_l2, wide)
+from conftest import (AMAX_FLOOR, E4M3, E5M2, FP8_MAX, assert_bits_equal, assert_fp8_equal, flashrt_targets,
+                      normal, np_dequantize, np_quantize, on_cpu, rel_l2, wide)
 
 import flashrt_jax
 from flashrt_jax import reference
+from flashrt_jax.ffi import quant as raw
 
 FP8 = [pytest.param(E4M3, id="e4m3"), pytest.param(E5M2, id="e5m2")]
 X_DTYPES = [pytest.param(jnp.dtype(d), id=n) for d, n in
@@ -29,6 +31,18 @@ def _static_scale(rng, x, dtype, granularity):
   """A given scale near the current one (x0.5 .. x2), so that some values saturate."""
   _, s = np_quantize(x, dtype, rowwise=granularity == "row")
   return jnp.asarray((s * rng.uniform(0.5, 2.0, s.shape)).astype(np.float32))
+
+
+def np_amax(x, rowwise: bool = False):
+  """max |x| in float32, of the tensor or per row (..., 1); NaN propagates."""
+  return np.max(np.abs(np.asarray(x, np.float32)), axis=-1 if rowwise else None, keepdims=rowwise)
+
+
+def _state(rng, x, dtype, history_len=4):
+  """A delayed-scaling state with a scale near x's current one and a history of past amaxes."""
+  scale = _static_scale(rng, x, dtype, "tensor")
+  history = rng.uniform(0.5, 2.0, history_len) * float(scale) * FP8_MAX[dtype]
+  return flashrt_jax.DelayedScaling(jnp.asarray(history.astype(np.float32)), scale)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -58,6 +72,8 @@ def test_quantize_static_matches_numpy(platform, rng, dtype, x_dtype, granularit
   q_ref, _ = np_quantize(x, dtype, scale=scale)
   assert_fp8_equal(q, q_ref, f"{case}: q")
   assert_bits_equal(s, scale, f"{case}: returned scale")
+  _, amax = raw.quantize_static(x, scale, dtype)
+  assert_bits_equal(amax, np_amax(x, granularity == "row"), f"{case}: amax of the quantize pass")
 
 
 # Per-row widths that reach each CUDA row kernel: a warp per row (1024), a block per row (4096 and
@@ -77,8 +93,9 @@ def test_quantize_rows_of_every_width_match_numpy(platform, rng, x_dtype, cols):
   assert_fp8_equal(q, q_ref, f"{case}: q")
   assert_bits_equal(s, s_ref, f"{case}: scale")
   scale = _static_scale(rng, x, E5M2, "row")
-  q, _ = flashrt_jax.quantize(x, dtype=E5M2, scale=scale)
+  q, amax = raw.quantize_static(x, scale, E5M2)
   assert_fp8_equal(q, np_quantize(x, E5M2, scale=scale)[0], f"{case}: q with given E5M2 row scales")
+  assert_bits_equal(amax, np_amax(x, rowwise=True), f"{case}: amax with given row scales")
 
 
 @pytest.mark.parametrize("data", ["wide", "normal"])
@@ -265,6 +282,132 @@ def test_quantize_transpose_grad_matches_reference(platform, rng, dtype, scaling
   for name, a, b in zip(("x", "scale"), jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
     assert float(jnp.linalg.norm(b)) > 0, f"{case}: reference d{name} is zero; the case tests nothing"
     assert rel_l2(a, b) <= 1e-6, f"{case}: d{name} rel L2 {rel_l2(a, b):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Delayed scaling
+
+
+def _assert_states_equal(a, b, what: str):
+  assert_bits_equal(a.amax_history, b.amax_history, f"{what}: amax history")
+  # The scale divides the history's max by fp8_max, in XLA: not correctly rounded on the GPU.
+  np.testing.assert_allclose(np.asarray(a.scale), np.asarray(b.scale), rtol=1e-6, err_msg=f"{what}: scale")
+
+
+def np_update(history, scale, amax, dtype):
+  """The numpy oracle of the update rule: roll the history, the new amax first; the scale from its
+  max as current scaling makes it, or the previous one where that max is 0 or not finite."""
+  history = np.concatenate([[amax], history[:-1]]).astype(np.float32)
+  m = history.max()
+  if m > 0 and np.isfinite(m):
+    scale = np_quantize(np.array([m], np.float32), dtype)[1]
+  return history, np.float32(scale)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("dtype", FP8)
+def test_quantize_delayed_matches_reference(platform, rng, dtype, x_dtype, shape):
+  """q and scale are static scaling's with state.scale; the next state is the reference's, its amax
+  (from the quantize pass) bit for bit."""
+  case = _case("quantize delayed", dtype, x_dtype, "tensor", shape, platform)
+  x = wide(rng, shape, x_dtype)
+  state = _state(rng, x, dtype)
+  q, s, new = flashrt_jax.quantize(x, dtype=dtype, scale=state)
+  q_static, _ = flashrt_jax.quantize(x, dtype=dtype, scale=state.scale)
+  assert_fp8_equal(q, q_static, f"{case}: q vs static scaling")
+  assert_bits_equal(s, state.scale, f"{case}: the state's scale must come back")
+  assert_bits_equal(new.amax_history[0], np_amax(x), f"{case}: amax")
+  _assert_states_equal(new, on_cpu(reference.quantize, x, dtype=dtype, scale=state)[-1], case)
+  if len(shape) == 2:
+    q, q_t, s, new = flashrt_jax.quantize_transpose(x, dtype=dtype, scale=state)
+    assert_fp8_equal(q, q_static, f"{case}: quantize_transpose q vs static scaling")
+    assert_fp8_equal(np.asarray(q_t)[:, :shape[0]], np.asarray(q_static).T, f"{case}: quantize_transpose q_t")
+    assert_bits_equal(s, state.scale, f"{case}: quantize_transpose scale")
+    _assert_states_equal(new, on_cpu(reference.quantize_transpose, x, dtype=dtype, scale=state)[-1],
+                         f"{case}: quantize_transpose")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("op", ["quantize", "quantize_transpose"])
+def test_quantize_delayed_nan_inf(platform, rng, op, bad):
+  """As with current scaling, a NaN gives a NaN amax and an inf an inf one; the scale stays."""
+  case = f"{op} delayed with {bad} on {platform}"
+  x = np.array(normal(rng, (51, 64)))
+  x[3, 5] = bad
+  state = _state(rng, np.nan_to_num(x, posinf=0, neginf=0), E4M3)
+  *_, new = getattr(flashrt_jax, op)(jnp.asarray(x), scale=state)
+  assert_bits_equal(new.amax_history[0], np.float32(abs(bad)), f"{case}: amax")
+  assert_bits_equal(new.amax_history[1:], state.amax_history[:-1], f"{case}: history roll")
+  assert_bits_equal(new.scale, state.scale, f"{case}: the scale must stay")
+
+
+@pytest.mark.parametrize("dtype", FP8)
+def test_update_delayed_scaling(dtype):
+  """The rule on a sequence that rises, falls, holds zeros, NaN and inf, against the numpy oracle."""
+  state = flashrt_jax.delayed_scaling(3)
+  assert state.amax_history.shape == (3,) and state.amax_history.dtype == jnp.float32, "fresh history"
+  assert not np.asarray(state.amax_history).any() and float(state.scale) == 1.0, "fresh state: zeros, scale 1"
+  update = jax.jit(lambda st, a: flashrt_jax.update_delayed_scaling(st, a, dtype))
+  history, scale = np.zeros(3, np.float32), np.float32(1.0)
+  amaxes = [0.0, np.nan, np.inf, 2.0, 8.0, 1.0, 0.5, 0.25, 0.0, 0.0, 0.0, np.nan, 3.0, 3.0, 3.0, np.inf] + [1e-20] * 3
+  for i, a in enumerate(amaxes):
+    state = on_cpu(update, state, np.float32(a))
+    history, scale = np_update(history, scale, np.float32(a), dtype)
+    case = f"update_delayed_scaling {dtype.name} step {i} (amax {a})"
+    assert_bits_equal(state.amax_history, history, f"{case}: history")
+    assert_bits_equal(state.scale, scale, f"{case}: scale")
+    if i < 3:
+      assert float(state.scale) == 1.0, f"{case}: 0 / NaN / inf in a zero history must keep the scale"
+  floor = np.float32(AMAX_FLOOR) / np.float32(FP8_MAX[dtype])
+  assert float(state.scale) == floor, "once the inf left the history, a tiny amax gives current scaling's floor"
+
+
+def test_delayed_scaling_in_scan(platform, rng):
+  """A training loop's carry: each step quantizes with the scale of the amaxes of the steps before it,
+  so a jump in magnitude saturates once, and the scale stays up until the jump leaves the history."""
+  stds = [1.0, 1.0, 16.0, 16.0, 0.25, 0.25, 0.25, 0.25]
+  xs = jnp.stack([normal(rng, (51, 64), jnp.bfloat16, std=std) for std in stds])
+
+  def step(state, x):
+    q, s, state = flashrt_jax.quantize(x, scale=state)
+    return state, (q, s)
+
+  final, (qs, scales) = jax.jit(lambda st, xs: jax.lax.scan(step, st, xs))(flashrt_jax.delayed_scaling(3), xs)
+  history, scale = np.zeros(3, np.float32), np.float32(1.0)
+  for i, x in enumerate(xs):
+    case = f"scan step {i} (std {stds[i]}) on {platform}"
+    np.testing.assert_allclose(np.asarray(scales[i]), scale, rtol=1e-6, err_msg=f"{case}: scale")
+    assert_fp8_equal(qs[i], np_quantize(x, E4M3, scale=scales[i])[0], f"{case}: q")
+    history, scale = np_update(history, scale, np_amax(x), E4M3)
+  assert_bits_equal(final.amax_history, history, f"scan on {platform}: final history")
+  s = np.asarray(scales)
+  assert np.all(s[3:7] > 8 * s[2]) and s[7] < s[6] / 8, \
+      f"scan on {platform}: the scale must rise one step after the jump and fall once it leaves the history: {s}"
+
+
+@pytest.mark.parametrize("op", ["quantize", "quantize_transpose"])
+def test_quantize_delayed_grad(platform, rng, op):
+  """Under jit and grad: the state takes zero gradient, x the gradient of static scaling."""
+  case = f"grad {op} delayed on {platform}"
+  x = normal(rng, (51, 64))
+  state = _state(rng, x, E4M3)
+  g, h = normal(rng, (51, 64), std=1e-3), normal(rng, ())
+
+  n = 3 if op == "quantize_transpose" else 2  # (q[, q_t], scale) come before the state
+
+  def loss(x, scale):
+    out = getattr(flashrt_jax, op)(x, scale=scale)
+    return jnp.sum(out[0].astype(jnp.float32) * g) + out[n - 1] * h
+
+  dx, dstate = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, state)
+  dx_static = jax.jit(jax.grad(loss))(x, state.scale)
+  assert float(jnp.linalg.norm(dx_static)) > 0, f"{case}: static dx is zero; the case tests nothing"
+  assert_bits_equal(dx, dx_static, f"{case}: dx")
+  for name, d in zip(("amax_history", "scale"), dstate):
+    assert not np.asarray(d).any(), f"{case}: d{name} must be zero"
+  want = {f"flashrt_{op}_static"}
+  assert flashrt_targets(loss, x, state) == want, f"{case}: the compiled HLO must run {want} alone"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(TPR == 32 ? 256 : TPR) GluFp8Kernel(const GluA
     };
     FinishRow<T, V, N, TPR>(chunk_y, row, t, chunks, a.cols, a.o, smem, amax_acc);
   }
-  BlockAmaxAtomic(a.o, amax_acc, smem);
+  BlockAmaxAtomic(a.o, amax_acc);
 }
 
 template <typename T, int V>

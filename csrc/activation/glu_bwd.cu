@@ -112,7 +112,9 @@ __global__ void __launch_bounds__(TPR == 32 ? 256 : TPR) GluBwdFp8Kernel(const G
     }
 
     float inv;
-    if (o.scale_in == nullptr && o.pass != Pass::kQuant) {  // current scaling: this row's amax
+    if (o.pass == Pass::kQuant) {  // the tensor amax is complete
+      inv = TensorInverseScale(o);
+    } else {  // this row's amax
       uint32_t m = 0;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
@@ -121,16 +123,16 @@ __global__ void __launch_bounds__(TPR == 32 ? 256 : TPR) GluBwdFp8Kernel(const G
           for (int k = 0; k < V; ++k) m = max(m, max(AbsBits(dg[j][k]), AbsBits(du[j][k])));
         }
       }
-      if (o.pass == Pass::kAmax) {
-        amax_acc = max(amax_acc, m);
+      if (o.scale_in != nullptr) {
+        AccumulateAmax(o, row, m, amax_acc);
+        inv = __frcp_rn(o.scale_in[row / o.scale_group]);
+      } else if (o.pass == Pass::kAmax) {
+        AccumulateAmax(o, row, m, amax_acc);
         continue;
+      } else {  // per-row current scaling
+        m = RowMax<TPR>(m, smem);
+        inv = StoreRowScale(o, m, row, t);
       }
-      m = RowMax<TPR>(m, smem);
-      inv = StoreRowScale(o, m, row, t);
-    } else if (o.scale_in != nullptr) {
-      inv = __frcp_rn(o.scale_in[row / o.scale_group]);
-    } else {  // kQuant: the tensor amax is complete
-      inv = TensorInverseScale(o);
     }
     Chunk<uint8_t, V>* qr = reinterpret_cast<Chunk<uint8_t, V>*>(o.q + row * out_cols) + t;
 #pragma unroll
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(TPR == 32 ? 256 : TPR) GluBwdFp8Kernel(const G
       }
     }
   }
-  BlockAmaxAtomic(a.o, amax_acc, smem);
+  BlockAmaxAtomic(a.o, amax_acc);
 }
 
 template <typename T, int V>

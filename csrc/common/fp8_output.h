@@ -18,8 +18,10 @@ struct Fp8Output {
   int64_t scale_count;
   void* q;           // (rows, cols) FP8
   float* scale_out;  // current scaling: 1 or `rows` values
-  float* amax_out;   // current scaling: 1 or `rows` values; the per-tensor one doubles as the
-                     // CUDA kernels' atomicMax target
+  // max |y| of the float32 values quantized (NaN if any is NaN): current scaling, 1 or `rows`
+  // values; a given scale, `scale_count` values, each over the rows its scale covers (delayed
+  // scaling's history). Per tensor and for a given scale, the CUDA kernels' atomicMax targets.
+  float* amax_out;
   void* y;           // optional (rows, cols) in the input dtype: the values before quantization
 };
 

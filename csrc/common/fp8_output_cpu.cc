@@ -1,6 +1,4 @@
 // CPU: quantizes the float32 rows a fused producer computed, through cpu::Quantize.
-#include <vector>
-
 #include "common/fp8_cpu.h"
 #include "common/fp8_output.h"
 
@@ -16,19 +14,24 @@ void WriteFp8(const Fp8Output& out, const float* y, int64_t rows, int64_t cols, 
   p.cols = cols;
   p.q_dtype = out.q_dtype;
   p.q = out.q;
-  std::vector<float> row_scales;
-  if (out.scale_in != nullptr) {  // a given scale, spread to one per row
-    row_scales.resize(rows);
-    const int64_t group = rows / out.scale_count;
-    for (int64_t r = 0; r < rows; ++r) row_scales[r] = out.scale_in[r / group];
-    p.granularity = Granularity::kRow;
-    p.scale_in = row_scales.data();
-  } else {
+  if (out.scale_in == nullptr) {
     p.granularity = out.granularity;
     p.scale_out = out.scale_out;
     p.amax_out = out.amax_out;
+    Quantize(p);
+    return;
   }
-  Quantize(p);
+  // A given scale per group of rows: each group is a tensor of its own, with its own amax.
+  const int64_t group = rows / out.scale_count;
+  p.granularity = Granularity::kTensor;
+  p.rows = group;
+  for (int64_t g = 0; g < out.scale_count; ++g) {
+    p.x = y + g * group * cols;
+    p.q = static_cast<uint8_t*>(out.q) + g * group * cols;
+    p.scale_in = out.scale_in + g;
+    p.amax_out = out.amax_out + g;
+    Quantize(p);
+  }
 }
 
 }  // namespace fr::cpu

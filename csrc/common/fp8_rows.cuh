@@ -4,7 +4,7 @@
 // vectors); chunk j of thread t is chunk t + TPR * j of the row, so that a warp's accesses are
 // contiguous, and with TPR a template parameter every chunk's address is an immediate offset
 // from one base. A producer computes its row as float32 values; FinishRow writes them (y), reduces
-// the amax and quantizes, in the same pass.
+// the amax and quantizes, in the same pass (with a given scale the amax is a side output).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -227,12 +227,44 @@ struct OutArgs {
   int64_t scale_group;
   uint8_t* q;
   float* scale_out;
-  float* amax_out;  // per row, or (per tensor) the atomicMax target, zeroed before kAmax
-  void* y;          // optional unquantized output, the input dtype
+  // Per-row current scaling: one per row. Per-tensor current scaling (kAmax) and a given scale (one
+  // per scale value): atomicMax targets, zeroed before the launch.
+  float* amax_out;
+  bool amax_per_group;  // a given scale of several values
+  void* y;              // optional unquantized output, the input dtype
   float fmax;
-  bool e5m2;        // else e4m3
+  bool e5m2;            // else e4m3
   Pass pass;
 };
+
+// Max of m over a warp into *amax: one atomicMax, none for 0 (the zeroed value). Every thread of
+// the warp calls it.
+__device__ __forceinline__ void WarpAmaxAtomic(uint32_t* amax, uint32_t m) {
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  if (threadIdx.x % 32 == 0 && m != 0) atomicMax(amax, m);
+}
+
+// Max of m over a block into *amax: one atomicMax, none for 0. Every thread of the block calls it.
+__device__ __forceinline__ void BlockAmaxAtomic(uint32_t* amax, uint32_t m) {
+  __shared__ uint32_t warp_m[kMaxThreads / 32];
+  m = __reduce_max_sync(0xFFFFFFFFu, m);
+  if (threadIdx.x % 32 == 0) warp_m[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) m = max(m, warp_m[w]);
+    if (m != 0) atomicMax(amax, m);
+  }
+}
+
+__device__ __forceinline__ uint32_t* AmaxBits(const OutArgs& o) { return reinterpret_cast<uint32_t*>(o.amax_out); }
+
+// Adds m, a thread's |y| maximum over its part of row `row`, to the amax (kAmax, or a given scale).
+// One amax: into amax_acc, which BlockAmaxAtomic flushes at the end of the kernel. One per group of
+// rows: an atomicMax per warp and row, which keeps no state across rows (registers are tight).
+__device__ __forceinline__ void AccumulateAmax(const OutArgs& o, int64_t row, uint32_t m, uint32_t& amax_acc) {
+  if (o.amax_per_group) WarpAmaxAtomic(AmaxBits(o) + DivRows(row, o.scale_group), m);
+  else amax_acc = max(amax_acc, m);
+}
 
 // Per-row current scaling, after the row's |y| maximum m is reduced: thread 0 writes the row's scale
 // and amax; returns 1 / scale.
@@ -247,13 +279,14 @@ __device__ __forceinline__ float StoreRowScale(const OutArgs& o, uint32_t m, int
 
 // 1 / scale of per-tensor current scaling in the kQuant pass (the tensor amax is complete).
 __device__ __forceinline__ float TensorInverseScale(const OutArgs& o) {
-  return __frcp_rn(ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax));
+  return __frcp_rn(ScaleFromAmax(__uint_as_float(*AmaxBits(o)), o.fmax));
 }
 
 // Writes y (if asked), finds the scale and quantizes row `row`. Chunk j of this thread is
 // c = t + TPR * j, present when c < chunks; chunk_y(j, c, v) computes its float32 values into v.
 // Current scaling sweeps the chunks twice (amax, then quantize), so chunk_y must be cheap or read
-// a cache. In kAmax, only accumulates the row's |y| into amax_acc.
+// a cache. In kAmax, only accumulates the row's |y| into amax_acc; with a given scale, accumulates it
+// while quantizing.
 template <typename T, int V, int N, int TPR, typename ChunkY>
 __device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, int chunks, int64_t cols,
                                           const OutArgs& o, float* smem, uint32_t& amax_acc) {
@@ -281,7 +314,7 @@ __device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, 
       }
     }
     if (o.pass == Pass::kAmax) {
-      amax_acc = max(amax_acc, m);
+      AccumulateAmax(o, row, m, amax_acc);
       return;
     }
     m = RowMax<TPR>(m, smem);
@@ -292,25 +325,39 @@ __device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, 
     inv = TensorInverseScale(o);
   }
   Chunk<uint8_t, V>* qr = reinterpret_cast<Chunk<uint8_t, V>*>(o.q + row * cols) + t;
+  // The quantize sweep; with a given scale it also gathers the amax of what it quantizes (compiled
+  // apart, so that current scaling pays nothing for it).
+  auto sweep = [&](auto given) {
+    uint32_t m = 0;
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const int c = t + TPR * j;
-    if (c < chunks) {
-      float v[V];
-      chunk_y(j, c, v);
-      if (!current && yr != nullptr) store_y(j, v);
-      Chunk<uint8_t, V> out;
+    for (int j = 0; j < N; ++j) {
+      const int c = t + TPR * j;
+      if (c < chunks) {
+        float v[V];
+        chunk_y(j, c, v);
+        if (!current && yr != nullptr) store_y(j, v);
+        Chunk<uint8_t, V> out;
 #pragma unroll
-      for (int k = 0; k < V; ++k) out.v[k] = ToFp8(__fmul_rn(v[k], inv), o.e5m2);
-      qr[TPR * j] = out;
+        for (int k = 0; k < V; ++k) {
+          out.v[k] = ToFp8(__fmul_rn(v[k], inv), o.e5m2);
+          if constexpr (decltype(given)::value) m = max(m, AbsBits(v[k]));
+        }
+        qr[TPR * j] = out;
+      }
     }
+    return m;
+  };
+  if (o.scale_in != nullptr) {
+    AccumulateAmax(o, row, sweep(std::true_type{}), amax_acc);
+  } else {
+    sweep(std::false_type{});
   }
 }
 
 // FinishRow for a row whose float32 values the thread already holds (y[j] is chunk t + TPR * j,
 // present when that is < chunks): writes y (if asked), finds the scale and quantizes, in one sweep
 // over registers each. `slot` is this row's slot for RowMaxAt (see there). In kAmax, only
-// accumulates the row's |y| into amax_acc.
+// accumulates the row's |y| into amax_acc; with a given scale, accumulates it and quantizes.
 template <typename T, int V, int N, int TPR>
 __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row, int t, int chunks, int64_t cols,
                                             const OutArgs& o, float* slot, uint32_t& amax_acc) {
@@ -327,23 +374,25 @@ __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row,
     }
   }
   float inv;
-  if (o.scale_in == nullptr && o.pass != Pass::kQuant) {  // current scaling
+  if (o.pass == Pass::kQuant) {  // the tensor amax is complete
+    inv = TensorInverseScale(o);
+  } else {
     uint32_t m = 0;
 #pragma unroll
     for (int j = 0; j < N; ++j)
       if (t + TPR * j < chunks)
 #pragma unroll
         for (int k = 0; k < V; ++k) m = max(m, AbsBits(y[j][k]));
-    if (o.pass == Pass::kAmax) {
-      amax_acc = max(amax_acc, m);
+    if (o.scale_in != nullptr) {
+      AccumulateAmax(o, row, m, amax_acc);
+      inv = __frcp_rn(o.scale_in[DivRows(row, o.scale_group)]);
+    } else if (o.pass == Pass::kAmax) {
+      AccumulateAmax(o, row, m, amax_acc);
       return;
+    } else {  // per-row current scaling
+      m = RowMaxAt<TPR>(m, slot);
+      inv = StoreRowScale(o, m, row, t);
     }
-    m = RowMaxAt<TPR>(m, slot);
-    inv = StoreRowScale(o, m, row, t);
-  } else if (o.scale_in != nullptr) {
-    inv = __frcp_rn(o.scale_in[DivRows(row, o.scale_group)]);
-  } else {  // kQuant: the tensor amax is complete
-    inv = TensorInverseScale(o);
   }
   uint8_t* qr = o.q + row * cols + t * V;
   if (o.e5m2) {
@@ -360,22 +409,13 @@ __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row,
 // Start of a kQuant launch: block 0 records the tensor scale.
 __device__ __forceinline__ void RecordTensorScale(const OutArgs& o) {
   if (o.pass == Pass::kQuant && o.scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
-    o.scale_out[0] = ScaleFromAmax(__uint_as_float(*reinterpret_cast<const uint32_t*>(o.amax_out)), o.fmax);
+    o.scale_out[0] = ScaleFromAmax(__uint_as_float(*AmaxBits(o)), o.fmax);
 }
 
-// End of a kAmax launch: one atomicMax per block. Every thread of the block must call it.
-__device__ __forceinline__ void BlockAmaxAtomic(const OutArgs& o, uint32_t m, float* smem) {
-  if (o.pass != Pass::kAmax) return;
-  uint32_t* bits = reinterpret_cast<uint32_t*>(smem);
-  m = __reduce_max_sync(0xFFFFFFFFu, m);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) bits[threadIdx.x / 32] = m;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) m = max(m, bits[w]);
-    m = max(m, bits[0]);
-    if (m != 0) atomicMax(reinterpret_cast<uint32_t*>(o.amax_out), m);
-  }
+// End of a kAmax launch, or of a kOne launch with one given scale: the amax the threads gathered.
+// Every thread of the block calls it.
+__device__ __forceinline__ void BlockAmaxAtomic(const OutArgs& o, uint32_t amax_acc) {
+  if (o.pass == Pass::kAmax || (o.scale_in != nullptr && !o.amax_per_group)) BlockAmaxAtomic(AmaxBits(o), amax_acc);
 }
 
 // Chunks a thread holds for the widest rows (V elements per chunk): 32 elements in 16-byte vectors,
@@ -428,13 +468,16 @@ inline int64_t GridFor(int64_t rows, const RowShape& s, Pass pass) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, static_cast<int64_t>(sms) * (2048 / s.threads)));
 }
 
-// Runs the passes `out` needs through run_pass(pass). Per-tensor current scaling zeroes the amax
-// first (a memset on the stream: no allocation, capturable into a CUDA graph).
+// Runs the passes `out` needs through run_pass(pass). Per-tensor current scaling and a given scale
+// gather the amax by atomicMax: it is zeroed first (a memset on the stream: no allocation,
+// capturable into a CUDA graph).
 template <typename RunPass>
 cudaError_t RunPasses(const Fp8Output& out, RunPass&& run_pass, cudaStream_t stream) {
-  if (out.scale_in != nullptr || out.granularity == Granularity::kRow) return run_pass(Pass::kOne);
-  cudaError_t err = cudaMemsetAsync(out.amax_out, 0, sizeof(uint32_t), stream);
+  const bool given = out.scale_in != nullptr;
+  if (!given && out.granularity == Granularity::kRow) return run_pass(Pass::kOne);
+  cudaError_t err = cudaMemsetAsync(out.amax_out, 0, (given ? out.scale_count : 1) * sizeof(uint32_t), stream);
   if (err != cudaSuccess) return err;
+  if (given) return run_pass(Pass::kOne);
   if ((err = run_pass(Pass::kAmax)) != cudaSuccess) return err;
   return run_pass(Pass::kQuant);
 }
@@ -446,6 +489,7 @@ inline OutArgs MakeOutArgs(const Fp8Output& out, int64_t rows, Pass pass) {
   o.q = static_cast<uint8_t*>(out.q);
   o.scale_out = out.scale_out;
   o.amax_out = out.amax_out;
+  o.amax_per_group = out.scale_in != nullptr && out.scale_count > 1;
   o.y = out.y;
   o.fmax = Fp8Max(out.q_dtype);
   o.e5m2 = out.q_dtype == DType::kE5M2;

@@ -61,7 +61,7 @@ FLASHRT_DEFINE_HANDLER(GluFp8, GluFp8Impl,
                        .Arg<ffi::AnyBuffer>()       // gate (..., F), or [gate | up] (..., 2F) when merged
                        .RemainingArgs()             // up (..., F) unless merged; scale when static_scale
                        .Ret<ffi::AnyBuffer>()       // q (..., F) f8e4m3fn / f8e5m2
-                       .RemainingRets()             // scale, amax (current scaling); y when with_y
+                       .RemainingRets()             // scale, amax (current) / amax (given scale); y when with_y
                        .Attr<int32_t>("activation") // Activation
                        .Attr<bool>("merged")
                        .Attr<bool>("static_scale")
@@ -146,7 +146,7 @@ FLASHRT_DEFINE_HANDLER(GluBwdFp8, GluBwdFp8Impl,
                        .Arg<ffi::AnyBuffer>()          // dh (..., F)
                        .RemainingArgs()                // col_scale (2F,) when has_col_scale; scale when static_scale
                        .Ret<ffi::AnyBuffer>()          // q (..., 2F) f8e5m2 / f8e4m3fn
-                       .RemainingRets()                // scale, amax (current scaling); y when with_y
+                       .RemainingRets()                // scale, amax (current) / amax (given scale); y when with_y
                        .Attr<int32_t>("activation")    // Activation
                        .Attr<bool>("has_col_scale")
                        .Attr<bool>("static_scale")

@@ -31,7 +31,8 @@ inline ffi::Error DecodeGivenScale(const char* op, const ffi::AnyBuffer& s, int6
 }
 
 // Results after q (and after any op-specific ones, from index `next` of `rets`): scale and amax for
-// current scaling, then y when asked for.
+// current scaling, or amax alone for a given scale (decoded first, by DecodeGivenScale: one amax per
+// scale value), then y when asked for.
 inline ffi::Error DecodeOutputs(const char* op, const ffi::AnyBuffer& q, ffi::RemainingRets rets, size_t next,
                                 bool static_scale, bool with_y, DType y_dtype, int64_t rows, int64_t cols,
                                 Fp8Output* out) {
@@ -41,11 +42,19 @@ inline ffi::Error DecodeOutputs(const char* op, const ffi::AnyBuffer& q, ffi::Re
     return BadArg(op, "q", "must hold " + std::to_string(rows) + " x " + std::to_string(cols) + " elements, got " +
                                std::to_string(q.element_count()));
   out->q = q.untyped_data();
-  const size_t expected = next + (static_scale ? 0 : 2) + (with_y ? 1 : 0);
+  const size_t expected = next + (static_scale ? 1 : 2) + (with_y ? 1 : 0);
   if (rets.size() != expected)
     return BadArg(op, "results", "must be " + std::to_string(expected + 1) + " buffers, got " +
                                      std::to_string(rets.size() + 1));
-  if (!static_scale) {
+  if (static_scale) {
+    auto amax = rets.get<ffi::AnyBuffer>(next);
+    if (!amax.has_value() || (*amax)->element_type() != ffi::DataType::F32 ||
+        static_cast<int64_t>((*amax)->element_count()) != out->scale_count)
+      return BadArg(op, "amax", "result must be float32 with one value per given scale (" +
+                                    std::to_string(out->scale_count) + ")");
+    out->amax_out = static_cast<float*>((*amax)->untyped_data());
+    next += 1;
+  } else {
     auto scale = rets.get<ffi::AnyBuffer>(next);
     auto amax = rets.get<ffi::AnyBuffer>(next + 1);
     if (!scale.has_value() || !amax.has_value()) return BadArg(op, "scale", "result could not be decoded");

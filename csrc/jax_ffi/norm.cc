@@ -104,7 +104,7 @@ FLASHRT_DEFINE_HANDLER(NormFp8, NormFp8Impl,
                        .Arg<ffi::AnyBuffer>()     // x (..., W) f32 / bf16 / f16
                        .RemainingArgs()           // residual, weight, bias, scale_mod, shift_mod, scale: as flagged
                        .Ret<ffi::AnyBuffer>()     // q (..., W) f8e4m3fn / f8e5m2
-                       .RemainingRets()           // residual_out; scale, amax (current scaling); y: as flagged
+                       .RemainingRets()           // residual_out; scale, amax (current) / amax (given); y: as flagged
                        .Attr<int32_t>("kind")     // NormKind
                        .Attr<float>("eps")
                        .Attr<float>("offset")     // y *= offset + weight

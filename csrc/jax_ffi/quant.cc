@@ -43,6 +43,16 @@ ffi::Error CheckScale(const char* op, const ffi::AnyBuffer& s, const char* arg) 
   return ffi::Error::Success();
 }
 
+// A given scale's amax result: float32, one value per scale value.
+ffi::Error SetGivenScale(const char* op, const ffi::AnyBuffer& scale, const ffi::AnyBuffer& amax, QuantizeParams* p) {
+  if (auto e = CheckScale(op, scale, "scale"); e.failure()) return e;
+  if (amax.element_type() != ffi::DataType::F32 || amax.element_count() != scale.element_count())
+    return BadArg(op, "amax", "result must be float32 shaped like scale");
+  p->scale_in = static_cast<const float*>(scale.untyped_data());
+  p->amax_out = static_cast<float*>(amax.untyped_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error CheckTransposed(const char* op, const QuantizeParams& p, const ffi::AnyBuffer& q_t) {
   if (p.granularity != Granularity::kTensor) return BadArg(op, "scale", "must be per tensor for a transposed output");
   auto dims = q_t.dimensions();
@@ -65,11 +75,11 @@ ffi::Error QuantizeCurrentImpl(Stream stream, ffi::AnyBuffer x, ffi::Result<ffi:
   return RunQuantize(stream, p);
 }
 
-ffi::Error QuantizeStaticImpl(Stream stream, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> q) {
+ffi::Error QuantizeStaticImpl(Stream stream, ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::Result<ffi::AnyBuffer> q,
+                              ffi::Result<ffi::AnyBuffer> amax) {
   QuantizeParams p{};
   if (auto e = Prepare("quantize", x, *q, scale.element_count(), &p); e.failure()) return e;
-  if (auto e = CheckScale("quantize", scale, "scale"); e.failure()) return e;
-  p.scale_in = static_cast<const float*>(scale.untyped_data());
+  if (auto e = SetGivenScale("quantize", scale, *amax, &p); e.failure()) return e;
   return RunQuantize(stream, p);
 }
 
@@ -88,12 +98,12 @@ ffi::Error QuantizeTransposeCurrentImpl(Stream stream, ffi::AnyBuffer x, ffi::Re
 }
 
 ffi::Error QuantizeTransposeStaticImpl(Stream stream, ffi::AnyBuffer x, ffi::AnyBuffer scale,
-                                       ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> q_t) {
+                                       ffi::Result<ffi::AnyBuffer> q, ffi::Result<ffi::AnyBuffer> q_t,
+                                       ffi::Result<ffi::AnyBuffer> amax) {
   QuantizeParams p{};
   if (auto e = Prepare("quantize_transpose", x, *q, scale.element_count(), &p); e.failure()) return e;
   if (auto e = CheckTransposed("quantize_transpose", p, *q_t); e.failure()) return e;
-  if (auto e = CheckScale("quantize_transpose", scale, "scale"); e.failure()) return e;
-  p.scale_in = static_cast<const float*>(scale.untyped_data());
+  if (auto e = SetGivenScale("quantize_transpose", scale, *amax, &p); e.failure()) return e;
   p.q_t = q_t->untyped_data();
   p.rows_padded = q_t->dimensions()[1];
   return RunQuantize(stream, p);
@@ -110,7 +120,8 @@ FLASHRT_DEFINE_HANDLER(QuantizeCurrent, QuantizeCurrentImpl,
 FLASHRT_DEFINE_HANDLER(QuantizeStatic, QuantizeStaticImpl,
                        .Arg<ffi::AnyBuffer>()    // x (..., K)
                        .Arg<ffi::AnyBuffer>()    // scale () or (..., 1) f32
-                       .Ret<ffi::AnyBuffer>());  // q (..., K)
+                       .Ret<ffi::AnyBuffer>()    // q (..., K)
+                       .Ret<ffi::AnyBuffer>());  // amax of x, shaped like scale
 
 FLASHRT_DEFINE_HANDLER(QuantizeTransposeCurrent, QuantizeTransposeCurrentImpl,
                        .Arg<ffi::AnyBuffer>()    // x (M, K)
@@ -123,6 +134,7 @@ FLASHRT_DEFINE_HANDLER(QuantizeTransposeStatic, QuantizeTransposeStaticImpl,
                        .Arg<ffi::AnyBuffer>()    // x (M, K)
                        .Arg<ffi::AnyBuffer>()    // scale () f32
                        .Ret<ffi::AnyBuffer>()    // q (M, K)
-                       .Ret<ffi::AnyBuffer>());  // q_t (K, M rounded up to 16)
+                       .Ret<ffi::AnyBuffer>()    // q_t (K, M rounded up to 16)
+                       .Ret<ffi::AnyBuffer>());  // amax () f32
 
 }  // namespace fr::jax_ffi

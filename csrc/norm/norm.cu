@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kThreads<TPR>, (kMinBlocks<T, V, TPR, kVariant
       for (int j = 0; j < N; ++j) h[j] = hn[j];
     }
   }
-  BlockAmaxAtomic(a.o, amax_acc, smem);
+  BlockAmaxAtomic(a.o, amax_acc);
 }
 
 template <typename T, int V>

@@ -1,5 +1,6 @@
 // CUDA FP8 quantization kernels. Per-tensor current scaling is two launches (an amax reduction,
-// then the quantize pass); per-row scaling is one pass (rows up to rows::kMaxRowWidth wide).
+// then the quantize pass); per-row scaling is one pass (rows up to rows::kMaxRowWidth wide). With a
+// given scale the quantize pass also reduces the amax of what it quantizes.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -68,15 +69,7 @@ __global__ void AbsMaxKernel(const T* __restrict__ x, int64_t n, uint32_t* __res
   for (; i < n_vec; i += stride) m = VecAbsMax(xv[i], m);
   for (int64_t e = n_vec * kVec + blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n; e += stride)
     m = max(m, AbsBits(ToFloat(x[e])));
-  m = __reduce_max_sync(0xFFFFFFFFu, m);
-  __shared__ uint32_t warp_max[kThreads / 32];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    m = threadIdx.x < kThreads / 32 ? warp_max[threadIdx.x] : 0;
-    m = __reduce_max_sync(0xFFFFFFFFu, m);
-    if (threadIdx.x == 0 && m != 0) atomicMax(amax_bits, m);
-  }
+  rows::BlockAmaxAtomic(amax_bits, m);
 }
 
 // Reads the tensor scale (given, or from the amax just reduced) and returns 1 / scale.
@@ -85,20 +78,30 @@ __device__ __forceinline__ float TensorInvScale(const float* scale_in, const uin
   return __frcp_rn(scale);
 }
 
+// amax_bits: the tensor amax AbsMaxKernel reduced (current scaling), or, with a given scale, where
+// this pass gathers the amax of what it quantizes.
 template <typename T, __nv_fp8_interpretation_t kFormat>
 __global__ void QuantizeTensorKernel(const T* __restrict__ x, int64_t n, const float* scale_in,
-                                     const uint32_t* amax_bits, float fmax, uint8_t* __restrict__ q,
+                                     uint32_t* amax_bits, float fmax, uint8_t* __restrict__ q,
                                      float* scale_out) {
   constexpr int kVec = Vec<T>::kSize;
   const float inv = TensorInvScale(scale_in, amax_bits, fmax);
   if (scale_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
     scale_out[0] = ScaleFromAmax(__uint_as_float(*amax_bits), fmax);
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  uint32_t m = 0;
   if ((i + 1) * kVec <= n) {
-    StoreVecFp8<T, kFormat>(reinterpret_cast<const Vec<T>*>(x)[i], inv, q, i);
+    const Vec<T> v = reinterpret_cast<const Vec<T>*>(x)[i];
+    StoreVecFp8<T, kFormat>(v, inv, q, i);
+    m = VecAbsMax(v, m);
   } else {
-    for (int64_t e = i * kVec; e < n; ++e) q[e] = ToFp8<kFormat>(__fmul_rn(ToFloat(x[e]), inv));
+    for (int64_t e = i * kVec; e < n; ++e) {
+      const float v = ToFloat(x[e]);
+      q[e] = ToFp8<kFormat>(__fmul_rn(v, inv));
+      m = max(m, AbsBits(v));
+    }
   }
+  if (scale_in != nullptr) rows::BlockAmaxAtomic(amax_bits, m);
 }
 
 // Per-row scaling of rows up to rows::kMaxRowWidth wide: a row is read once into the registers of
@@ -111,17 +114,19 @@ __global__ void __launch_bounds__(TPR == 32 ? kThreads : TPR)
   __shared__ float slot[TPR / 32];
   const int t = threadIdx.x % TPR;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / TPR;
-  if (row >= rows) return;  // a whole row's threads leave together
-  const int chunks = static_cast<int>(cols / V);
-  rows::Packed<T, V> h[N];
-  rows::LoadRow<T, V, N, TPR>(h, x, row * cols, t, chunks);
-  float y[N][V];
+  uint32_t amax = 0;
+  if (row < rows) {  // a whole row's threads take the branch together
+    const int chunks = static_cast<int>(cols / V);
+    rows::Packed<T, V> h[N];
+    rows::LoadRow<T, V, N, TPR>(h, x, row * cols, t, chunks);
+    float y[N][V];
 #pragma unroll
-  for (int j = 0; j < N; ++j)
+    for (int j = 0; j < N; ++j)
 #pragma unroll
-    for (int k = 0; k < V; ++k) y[j][k] = h[j].Get(k);
-  uint32_t unused = 0;
-  rows::QuantizeRow<T, V, N, TPR>(y, row, t, chunks, cols, o, slot, unused);
+      for (int k = 0; k < V; ++k) y[j][k] = h[j].Get(k);
+    rows::QuantizeRow<T, V, N, TPR>(y, row, t, chunks, cols, o, slot, amax);
+  }
+  rows::BlockAmaxAtomic(o, amax);
 }
 
 struct RowsArgs {
@@ -166,7 +171,16 @@ __global__ void QuantizeWideRowsKernel(const T* __restrict__ x, int64_t rows, in
     }
     inv = __frcp_rn(scale);
   }
-  for (int64_t i = lane; i < cols; i += 32) qr[i] = ToFp8<kFormat>(__fmul_rn(ToFloat(xr[i]), inv));
+  uint32_t m = 0;  // a given scale's amax: of the values quantized here
+  for (int64_t i = lane; i < cols; i += 32) {
+    const float v = ToFloat(xr[i]);
+    qr[i] = ToFp8<kFormat>(__fmul_rn(v, inv));
+    m = max(m, AbsBits(v));
+  }
+  if (scale_in != nullptr) {
+    m = __reduce_max_sync(0xFFFFFFFFu, m);
+    if (lane == 0) amax_out[row] = __uint_as_float(m);
+  }
 }
 
 template <typename T, __nv_fp8_interpretation_t kFormat>
@@ -189,12 +203,13 @@ cudaError_t LaunchRows(const QuantizeParams& p, cudaStream_t stream) {
 }
 
 // 64 x 64 tiles: each tile is quantized once and written both as q (rows, cols) and, through shared
-// memory, as q_t (cols, rows_padded); q_t's padding columns are written as zeros.
+// memory, as q_t (cols, rows_padded); q_t's padding columns are written as zeros. amax_bits as for
+// QuantizeTensorKernel.
 constexpr int kTile = 64;
 
 template <typename T, __nv_fp8_interpretation_t kFormat>
 __global__ void QuantizeTransposeKernel(const T* __restrict__ x, int64_t rows, int64_t cols, int64_t rows_padded,
-                                        const float* scale_in, const uint32_t* amax_bits, float fmax,
+                                        const float* scale_in, uint32_t* amax_bits, float fmax,
                                         uint8_t* __restrict__ q, uint8_t* __restrict__ q_t, float* scale_out) {
   __shared__ uint8_t tile[kTile][kTile + 4];
   const float inv = TensorInvScale(scale_in, amax_bits, fmax);
@@ -204,6 +219,7 @@ __global__ void QuantizeTransposeKernel(const T* __restrict__ x, int64_t rows, i
   // Phase 1: 8 threads per tile row, 8 consecutive elements each; 32 rows per pass.
   const int tc = (threadIdx.x % 8) * 8;
   const bool vec_ok = cols % 8 == 0 && (sizeof(T) == 2);
+  uint32_t m = 0;  // a given scale's amax
   for (int tr = threadIdx.x / 8; tr < kTile; tr += kThreads / 8) {
     const int64_t r = r0 + tr, c = c0 + tc;
     uint8_t out[8];
@@ -212,19 +228,23 @@ __global__ void QuantizeTransposeKernel(const T* __restrict__ x, int64_t rows, i
 #pragma unroll
       for (int j = 0; j < 8; ++j) out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(v.v[j]), inv));
       *reinterpret_cast<uint2*>(q + r * cols + c) = *reinterpret_cast<uint2*>(out);
+      m = VecAbsMax(v, m);
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         out[j] = 0;  // padding rows of q_t read as zero
         if (r < rows && c + j < cols) {
-          out[j] = ToFp8<kFormat>(__fmul_rn(ToFloat(x[r * cols + c + j]), inv));
+          const float v = ToFloat(x[r * cols + c + j]);
+          out[j] = ToFp8<kFormat>(__fmul_rn(v, inv));
           q[r * cols + c + j] = out[j];
+          m = max(m, AbsBits(v));
         }
       }
     }
 #pragma unroll
     for (int j = 0; j < 8; ++j) tile[tr][tc + j] = out[j];
   }
+  if (scale_in != nullptr) rows::BlockAmaxAtomic(amax_bits, m);
   __syncthreads();
   // Phase 2: 4 threads per q_t row, 16 consecutive bytes (= 16 source rows) each.
   const int out_c = threadIdx.x / 4;
@@ -249,11 +269,12 @@ cudaError_t Launch(const QuantizeParams& p, cudaStream_t stream) {
   const float fmax = Fp8Max(p.q_dtype);
   const int64_t n = p.rows * p.cols;
   if (p.granularity == Granularity::kRow) return LaunchRows<T, kFormat>(p, stream);
-  uint32_t* amax_bits = nullptr;
+  // Gathered by atomicMax (AbsMaxKernel, or the quantize kernel with a given scale), so zeroed first:
+  // a memset on the stream, capturable into a CUDA graph.
+  uint32_t* amax_bits = reinterpret_cast<uint32_t*>(p.amax_out);
+  cudaError_t err = cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream);
+  if (err != cudaSuccess) return err;
   if (p.scale_in == nullptr) {
-    amax_bits = reinterpret_cast<uint32_t*>(p.amax_out);
-    cudaError_t err = cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream);
-    if (err != cudaSuccess) return err;
     int device, sms;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);

@@ -21,7 +21,7 @@ struct QuantizeParams {
   void* q_t;              // optional (cols, rows_padded), zero in the padding columns; tensor only
   int64_t rows_padded;
   float* scale_out;  // current scaling: 1 or `rows` values
-  float* amax_out;   // current scaling: 1 or `rows` values
+  float* amax_out;   // max |x| (NaN if any x is NaN), one per scale (given or computed)
 };
 
 namespace cpu {

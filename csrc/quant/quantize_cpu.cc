@@ -32,15 +32,15 @@ void Quantize(const QuantizeParams& p) {
   const int64_t n_scales = p.granularity == Granularity::kRow ? p.rows : 1;
   std::vector<float> inv(n_scales);
   for (int64_t s = 0; s < n_scales; ++s) {
+    const int64_t begin = p.granularity == Granularity::kRow ? s * p.cols : 0;
+    const int64_t end = p.granularity == Granularity::kRow ? begin + p.cols : p.rows * p.cols;
+    const float amax = AbsMax(p, begin, end);
+    p.amax_out[s] = amax;
     float scale;
     if (p.scale_in != nullptr) {
       scale = p.scale_in[s];
     } else {
-      int64_t begin = p.granularity == Granularity::kRow ? s * p.cols : 0;
-      int64_t end = p.granularity == Granularity::kRow ? begin + p.cols : p.rows * p.cols;
-      float amax = AbsMax(p, begin, end);
       scale = ScaleFromAmax(amax, p.q_dtype);
-      p.amax_out[s] = amax;
       p.scale_out[s] = scale;
     }
     inv[s] = 1.0f / scale;

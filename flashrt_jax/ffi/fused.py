@@ -2,7 +2,11 @@
 build the custom calls.
 
 Optional operands follow the first one in a fixed order, flagged by boolean attributes; the results
-are q, then the op's own (new residual), then scale and amax for current scaling, then y when asked.
+are q, then the op's own (new residual), then
+  - current scaling: scale and amax, () or (..., 1) (per row);
+  - a given scale (static_scale): amax alone, shaped like the scale, each value over the rows its
+    scale value covers (one per vmapped tensor under vmap: a delayed-scaling state's history entry);
+then y when asked. amax is max |y| of the float32 values quantized, NaN if any is NaN.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ def _vmap_method(scale, rowwise: bool) -> str:
   return "broadcast_all" if scale is not None or rowwise else "sequential"
 
 
-def _scaling_results(x_shape, out_width, scale, rowwise: bool):
+def _scaling_results(x_shape, scale, rowwise: bool):
   if scale is not None:
-    return []
+    return [jax.ShapeDtypeStruct(scale.shape, jnp.float32)]
   s = jax.ShapeDtypeStruct(x_shape[:-1] + (1,) if rowwise else (), jnp.float32)
   return [s, s]
 
@@ -35,7 +39,7 @@ def norm_fp8(x, residual, weight, bias, scale_mod, shift_mod, scale, *, kind: st
   shift_mod (..., W) of x's dtype or None, broadcast over groups of rows; scale () / (..., 1) float32
   or None (current scaling, per row if rowwise).
 
-  Returns [q, residual_out?, scale?, amax?, y?] as a list.
+  Returns [q, residual_out?, scale?, amax, y?] as a list.
   """
   present = dict(residual=residual, weight=weight, bias=bias, scale_mod=scale_mod, shift_mod=shift_mod,
                  scale=scale)
@@ -43,7 +47,7 @@ def norm_fp8(x, residual, weight, bias, scale_mod, shift_mod, scale, *, kind: st
   results = [jax.ShapeDtypeStruct(x.shape, dtype)]
   if residual is not None:
     results.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
-  results += _scaling_results(x.shape, x.shape[-1], scale, rowwise)
+  results += _scaling_results(x.shape, scale, rowwise)
   if with_y:
     results.append(jax.ShapeDtypeStruct(x.shape, x.dtype))
   call = jax.ffi.ffi_call("flashrt_norm_fp8", results, vmap_method=_vmap_method(scale, rowwise))
@@ -56,11 +60,11 @@ def norm_fp8(x, residual, weight, bias, scale_mod, shift_mod, scale, *, kind: st
 
 def glu_fp8(gate, up, scale, *, activation: str, dtype, rowwise: bool, with_y: bool):
   """gate (..., F) and up (..., F), or up None and gate (..., 2F) = [gate | up]; scale as for
-  norm_fp8. Returns [q (..., F), scale?, amax?, y?] as a list."""
+  norm_fp8. Returns [q (..., F), scale?, amax, y?] as a list."""
   out_shape = gate.shape[:-1] + ((gate.shape[-1] // 2,) if up is None else (gate.shape[-1],))
   operands = [gate] + [a for a in (up, scale) if a is not None]
   results = [jax.ShapeDtypeStruct(out_shape, dtype)]
-  results += _scaling_results(out_shape, out_shape[-1], scale, rowwise)
+  results += _scaling_results(out_shape, scale, rowwise)
   if with_y:
     results.append(jax.ShapeDtypeStruct(out_shape, gate.dtype))
   call = jax.ffi.ffi_call("flashrt_glu_fp8", results, vmap_method=_vmap_method(scale, rowwise))
@@ -70,10 +74,10 @@ def glu_fp8(gate, up, scale, *, activation: str, dtype, rowwise: bool, with_y: b
 
 def glu_bwd_fp8(gate_up, dh, col_scale, scale, *, activation: str, dtype, rowwise: bool, with_y: bool):
   """gate_up (..., 2F) = [gate | up], dh (..., F) of its dtype, col_scale (2F,) float32 or None, scale
-  as for norm_fp8. Returns [q (..., 2F), scale?, amax?, y?] as a list."""
+  as for norm_fp8. Returns [q (..., 2F), scale?, amax, y?] as a list."""
   operands = [gate_up, dh] + [a for a in (col_scale, scale) if a is not None]
   results = [jax.ShapeDtypeStruct(gate_up.shape, dtype)]
-  results += _scaling_results(gate_up.shape, gate_up.shape[-1], scale, rowwise)
+  results += _scaling_results(gate_up.shape, scale, rowwise)
   if with_y:
     results.append(jax.ShapeDtypeStruct(gate_up.shape, gate_up.dtype))
   call = jax.ffi.ffi_call("flashrt_glu_bwd_fp8", results, vmap_method=_vmap_method(scale, rowwise))

@@ -27,9 +27,11 @@ def quantize_current(x, dtype, rowwise: bool):
 
 
 def quantize_static(x, scale, dtype):
-  """x (..., K), scale () or (..., 1) float32 -> q (..., K) dtype."""
+  """x (..., K), scale () or (..., 1) float32 -> q (..., K) dtype and the amax of x, shaped like scale
+  (of the tensor, or per row)."""
   rowwise = scale.ndim > 0
-  call = jax.ffi.ffi_call("flashrt_quantize_static", jax.ShapeDtypeStruct(x.shape, dtype),
+  results = (jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(scale.shape, jnp.float32))
+  call = jax.ffi.ffi_call("flashrt_quantize_static", results,
                           vmap_method="broadcast_all" if rowwise else "sequential")
   return call(x, scale)
 
@@ -46,11 +48,12 @@ def quantize_transpose_current(x, dtype):
 
 
 def quantize_transpose_static(x, scale, dtype):
-  """x (M, K), scale () -> q (M, K), q_t (K, M padded to 16, zeros)."""
+  """x (M, K), scale () -> q (M, K), q_t (K, M padded to 16, zeros), amax ()."""
   m, k = x.shape
   call = jax.ffi.ffi_call(
       "flashrt_quantize_transpose_static",
-      (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, padded_rows(m)), dtype)),
+      (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((k, padded_rows(m)), dtype),
+       jax.ShapeDtypeStruct((), jnp.float32)),
       vmap_method="sequential")
   return call(x, scale)
 

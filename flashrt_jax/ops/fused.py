@@ -5,7 +5,9 @@ the same pass, so the next FP8 GEMM reads 1-byte activations and no bf16 copy ro
 Scaling: `scale=None` is current scaling, `granularity="row"` (the default: one scale per token,
 (..., 1), made in the same pass, the layout cuBLASLt's outer-vector FP8 GEMM consumes) or "tensor"
 (one scale (), its amax reduced on the device: an amax pass and a quantize pass, no host sync). A
-given float32 `scale`, () or (..., 1), is static or delayed scaling. Scales and rounding are
+given float32 `scale`, () or (..., 1), is static scaling. A `DelayedScaling` state (see
+`flashrt_jax.delayed_scaling`) is delayed scaling: per tensor with state.scale, the amax of y reduced
+in the same pass, and the next state returned as the last output. Scales and rounding are
 `quantize`'s: scale = max(amax, 1e-12) / fp8_max, q = saturate(round_nearest_even(y * (1 / scale))).
 
 Values: y is computed in float32 from the inputs (any of float32 / bfloat16 / float16) and parameters
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 from flashrt_jax import _checks, reference
 from flashrt_jax.ffi import fused as raw
+from flashrt_jax.ops.quant import scale_argument, with_next_state
 
 GRANULARITIES = ("row", "tensor")
 ACTIVATIONS = tuple(raw.ACTIVATIONS)
@@ -64,6 +67,16 @@ def _reference(cfg: _Config):
   return fn
 
 
+def _outputs(outs, scale):
+  """The kernel's [q, scale, amax, y?] (current scaling) or [q, amax, y?] (a given scale) as
+  (q, scale[, y], amax)."""
+  if scale is None:
+    q, scale, amax, *y = outs
+  else:
+    q, amax, *y = outs
+  return (q, scale, *y, amax)
+
+
 def _impl(a, b, weight, bias, scale_mod, shift_mod, scale, cfg: _Config):
   rowwise = cfg.granularity == "row"
   f32 = lambda p: None if p is None else p.astype(jnp.float32)
@@ -77,9 +90,7 @@ def _impl(a, b, weight, bias, scale_mod, shift_mod, scale, cfg: _Config):
                         kind="layer" if cfg.op == "layer_norm_fp8" else "rms", eps=cfg.eps, offset=cfg.offset,
                         dtype=cfg.dtype, rowwise=rowwise, with_y=cfg.with_y)
     new_residual = outs.pop(1) if b is not None else None
-  q = outs[0]
-  s = outs[1] if scale is None else scale
-  out = (q, s) + ((outs[-1],) if cfg.with_y else ())
+  out = _outputs(outs, scale)
   return out if new_residual is None else (new_residual,) + out
 
 
@@ -94,7 +105,7 @@ def _fused_fwd(a, b, weight, bias, scale_mod, shift_mod, scale, cfg):
 
 
 def _fused_bwd(cfg, res, ct):
-  return jax.vjp(_reference(cfg), *res)[1](ct)
+  return jax.vjp(_reference(cfg), *res)[1](ct[:-1])  # the amax only feeds a delayed-scaling state
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -128,19 +139,19 @@ def _check_like(op: str, name: str, p, x, x_name: str):
 
 
 def _config(op, x, out_shape, *, scale, granularity, dtype, with_unquantized, eps=0.0, offset=0.0,
-            activation="") -> tuple[_Config, object]:
+            activation="") -> tuple[_Config, object, object]:
+  """(config, scale array or None, DelayedScaling or None)."""
   dtype = _checks.dtype(op, "dtype", dtype, _checks.FP8_DTYPES)
-  _checks.choice(op, "granularity", granularity, GRANULARITIES)
+  if granularity is not None:  # None: "row", or what a given scale sets
+    _checks.choice(op, "granularity", granularity, GRANULARITIES)
   with_y = _checks.boolean(op, "with_unquantized", with_unquantized)
   for name, v in (("eps", eps), ("offset", offset)):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       raise TypeError(f"{op}: {name} must be a finite Python number, got {v!r}")
   if eps < 0:
     raise ValueError(f"{op}: eps must be >= 0, got {eps}")
-  if scale is not None:
-    _checks.scale(op, "scale", scale, ((), out_shape[:-1] + (1,)))
-    granularity = "row" if scale.ndim else "tensor"
-  return _Config(op, float(eps), float(offset), activation, dtype, granularity, with_y), scale
+  scale, state, granularity = scale_argument(op, scale, granularity, out_shape[:-1] + (1,))
+  return _Config(op, float(eps), float(offset), activation, dtype, granularity or "row", with_y), scale, state
 
 
 def _check_x(op: str, name: str, x, min_rank: int = 1):
@@ -152,7 +163,7 @@ def _check_x(op: str, name: str, x, min_rank: int = 1):
 # Public ops
 
 
-def rms_norm_fp8(x, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity="row", dtype=jnp.float8_e4m3fn,
+def rms_norm_fp8(x, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity=None, dtype=jnp.float8_e4m3fn,
                  with_unquantized=False):
   """RMSNorm + FP8 quantization in one pass: y = x * rsqrt(mean(x^2, -1) + eps) * (offset + weight).
 
@@ -161,24 +172,28 @@ def rms_norm_fp8(x, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularit
     weight: (W,) float (cast to float32), or None for y = the normalized x. offset=1.0 is Gemma's
       `(1 + w)`; offset=0.0 a plain scale.
     eps: added to the mean square. offset: added to the weight.
-    scale: None (current scaling) or a given float32 scale () or (..., 1).
-    granularity: "row" (one scale per row, (..., 1)) or "tensor" (one, ()), for current scaling.
+    scale: None (current scaling), a given float32 scale () or (..., 1), or a DelayedScaling state
+      (per tensor with state.scale).
+    granularity: "row" (one scale per row, (..., 1)) or "tensor" (one, ()), for current scaling;
+      None (the default): "row", or what a given scale sets. "row" cannot take a DelayedScaling.
     dtype: jnp.float8_e4m3fn or jnp.float8_e5m2.
     with_unquantized: also return y in x.dtype, written in the same pass.
 
   Returns:
     (q (..., W) dtype, scale float32) or (q, scale, y) with y ≈ dequantize(q, scale); y is
-    computed in float32 (see the module docstring for NaN / inf / zero rows).
+    computed in float32 (see the module docstring for NaN / inf / zero rows). With a DelayedScaling,
+    the next state (recording max |y|) follows last: (q, scale (), next_state) or
+    (q, scale, y, next_state); so for every op here.
   """
   op = "rms_norm_fp8"
   _check_x(op, "x", x)
   _check_param(op, "weight", weight, x.shape[-1])
-  cfg, scale = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
-                       with_unquantized=with_unquantized, eps=eps, offset=offset)
-  return _fused(x, None, weight, None, None, None, scale, cfg)
+  cfg, scale, state = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
+                              with_unquantized=with_unquantized, eps=eps, offset=offset)
+  return with_next_state(_fused(x, None, weight, None, None, None, scale, cfg), state, cfg.dtype)
 
 
-def residual_rms_norm_fp8(x, residual, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity="row",
+def residual_rms_norm_fp8(x, residual, weight=None, *, eps=1e-6, offset=1.0, scale=None, granularity=None,
                           dtype=jnp.float8_e4m3fn, with_unquantized=False):
   """Residual add + RMSNorm + FP8 quantization in one pass: h = x + residual, rounded to x.dtype (the
   new residual stream), then rms_norm_fp8(h, ...) computed from that rounded h.
@@ -188,18 +203,19 @@ def residual_rms_norm_fp8(x, residual, weight=None, *, eps=1e-6, offset=1.0, sca
     weight, eps, offset, scale, granularity, dtype, with_unquantized: as for rms_norm_fp8.
 
   Returns:
-    (new_residual (..., W) x.dtype, q, scale) or (new_residual, q, scale, y).
+    (new_residual (..., W) x.dtype, q, scale) or (new_residual, q, scale, y); with a DelayedScaling,
+    then next_state.
   """
   op = "residual_rms_norm_fp8"
   _check_x(op, "x", x)
   _check_like(op, "residual", residual, x, "x")
   _check_param(op, "weight", weight, x.shape[-1])
-  cfg, scale = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
-                       with_unquantized=with_unquantized, eps=eps, offset=offset)
-  return _fused(x, residual, weight, None, None, None, scale, cfg)
+  cfg, scale, state = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
+                              with_unquantized=with_unquantized, eps=eps, offset=offset)
+  return with_next_state(_fused(x, residual, weight, None, None, None, scale, cfg), state, cfg.dtype)
 
 
-def layer_norm_fp8(x, gamma=None, beta=None, *, eps=1e-6, scale=None, granularity="row", dtype=jnp.float8_e4m3fn,
+def layer_norm_fp8(x, gamma=None, beta=None, *, eps=1e-6, scale=None, granularity=None, dtype=jnp.float8_e4m3fn,
                    with_unquantized=False):
   """LayerNorm + FP8 quantization in one pass: y = (x - mean) * rsqrt(var + eps) * gamma + beta, with
   the variance taken around the mean (two passes over the row in registers).
@@ -209,18 +225,18 @@ def layer_norm_fp8(x, gamma=None, beta=None, *, eps=1e-6, scale=None, granularit
     eps, scale, granularity, dtype, with_unquantized: as for rms_norm_fp8.
 
   Returns:
-    (q (..., W), scale) or (q, scale, y).
+    (q (..., W), scale) or (q, scale, y); with a DelayedScaling, then next_state.
   """
   op = "layer_norm_fp8"
   _check_x(op, "x", x)
   _check_param(op, "gamma", gamma, x.shape[-1])
   _check_param(op, "beta", beta, x.shape[-1])
-  cfg, scale = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
-                       with_unquantized=with_unquantized, eps=eps)
-  return _fused(x, None, gamma, beta, None, None, scale, cfg)
+  cfg, scale, state = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
+                              with_unquantized=with_unquantized, eps=eps)
+  return with_next_state(_fused(x, None, gamma, beta, None, None, scale, cfg), state, cfg.dtype)
 
 
-def ada_rms_norm_fp8(x, scale_mod, shift_mod, *, eps=1e-6, scale=None, granularity="row", dtype=jnp.float8_e4m3fn,
+def ada_rms_norm_fp8(x, scale_mod, shift_mod, *, eps=1e-6, scale=None, granularity=None, dtype=jnp.float8_e4m3fn,
                      with_unquantized=False):
   """pi0.5's adaptive RMSNorm + FP8 quantization: y = rmsnorm(x) * (1 + scale_mod) + shift_mod (no
   learned weight).
@@ -232,7 +248,7 @@ def ada_rms_norm_fp8(x, scale_mod, shift_mod, *, eps=1e-6, scale=None, granulari
     eps, scale, granularity, dtype, with_unquantized: as for rms_norm_fp8.
 
   Returns:
-    (q (..., T, W), scale) or (q, scale, y).
+    (q (..., T, W), scale) or (q, scale, y); with a DelayedScaling, then next_state.
   """
   op = "ada_rms_norm_fp8"
   _check_x(op, "x", x, min_rank=2)
@@ -242,12 +258,12 @@ def ada_rms_norm_fp8(x, scale_mod, shift_mod, *, eps=1e-6, scale=None, granulari
     raise ValueError(f"{op}: scale_mod must have shape {x.shape} or {per_seq} to match x {x.shape}; "
                      f"got {scale_mod.shape}")
   _check_like(op, "shift_mod", shift_mod, scale_mod, "scale_mod")
-  cfg, scale = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
-                       with_unquantized=with_unquantized, eps=eps)
-  return _fused(x, None, None, None, scale_mod, shift_mod, scale, cfg)
+  cfg, scale, state = _config(op, x, x.shape, scale=scale, granularity=granularity, dtype=dtype,
+                              with_unquantized=with_unquantized, eps=eps)
+  return with_next_state(_fused(x, None, None, None, scale_mod, shift_mod, scale, cfg), state, cfg.dtype)
 
 
-def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity="row", dtype=jnp.float8_e4m3fn,
+def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity=None, dtype=jnp.float8_e4m3fn,
             with_unquantized=False):
   """Gated linear unit + FP8 quantization in one pass: y = act(gate) * up in float32.
 
@@ -259,7 +275,7 @@ def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity="r
     scale, granularity, dtype, with_unquantized: as for rms_norm_fp8.
 
   Returns:
-    (q (..., F), scale) or (q, scale, y (..., F) gate.dtype).
+    (q (..., F), scale) or (q, scale, y (..., F) gate.dtype); with a DelayedScaling, then next_state.
   """
   op = "glu_fp8"
   _checks.array(op, "gate", gate, _checks.FLOAT_DTYPES)
@@ -272,9 +288,9 @@ def glu_fp8(gate, up=None, *, activation="gelu_tanh", scale=None, granularity="r
     _check_like(op, "up", up, gate, "gate")
     out_shape = gate.shape
   _check_width(op, "gate", gate, out_shape[-1])
-  cfg, scale = _config(op, gate, out_shape, scale=scale, granularity=granularity, dtype=dtype,
-                       with_unquantized=with_unquantized, activation=activation)
-  return _fused(gate, up, None, None, None, None, scale, cfg)
+  cfg, scale, state = _config(op, gate, out_shape, scale=scale, granularity=granularity, dtype=dtype,
+                              with_unquantized=with_unquantized, activation=activation)
+  return with_next_state(_fused(gate, up, None, None, None, None, scale, cfg), state, cfg.dtype)
 
 
 @jax.custom_jvp
@@ -288,7 +304,7 @@ def _not_differentiable_jvp(primals, tangents):
                   "has no gradient); differentiate glu_fp8 / glu_dense / fp8_glu_ffn instead")
 
 
-def glu_bwd_fp8(gate_up, dh, *, activation, col_scale=None, scale=None, granularity="row", dtype=jnp.float8_e5m2,
+def glu_bwd_fp8(gate_up, dh, *, activation, col_scale=None, scale=None, granularity=None, dtype=jnp.float8_e5m2,
                 with_unquantized=False):
   """Backward of the merged GLU + FP8 quantization in one pass, for an FP8 FFN's backward: from
   [gate | up] and dh = dL/d(act(gate) * up), in float32,
@@ -311,7 +327,7 @@ def glu_bwd_fp8(gate_up, dh, *, activation, col_scale=None, scale=None, granular
     dtype: jnp.float8_e5m2 (default, gradients) or jnp.float8_e4m3fn.
 
   Returns:
-    (q (..., 2F), scale) or (q, scale, y).
+    (q (..., 2F), scale) or (q, scale, y); with a DelayedScaling, then next_state.
 
   Not differentiable: differentiating through it raises a TypeError (it is the VJP of glu_fp8's
   reference; its own FP8 output has no gradient).
@@ -333,12 +349,12 @@ def glu_bwd_fp8(gate_up, dh, *, activation, col_scale=None, scale=None, granular
       raise ValueError(f"{op}: col_scale must have shape ({2 * f},) to match gate_up's last axis; got "
                        f"{col_scale.shape}")
     col_scale = col_scale.astype(jnp.float32)
-  cfg, scale = _config(op, gate_up, gate_up.shape, scale=scale, granularity=granularity, dtype=dtype,
-                       with_unquantized=with_unquantized)
+  cfg, scale, state = _config(op, gate_up, gate_up.shape, scale=scale, granularity=granularity, dtype=dtype,
+                              with_unquantized=with_unquantized)
   gate_up, dh = _not_differentiable(gate_up), _not_differentiable(dh)
   if col_scale is not None:
     col_scale = _not_differentiable(col_scale)
   outs = raw.glu_bwd_fp8(gate_up, dh, col_scale, scale, activation=activation, dtype=cfg.dtype,
                          rowwise=cfg.granularity == "row", with_y=cfg.with_y)
-  s = outs[1] if scale is None else jax.lax.stop_gradient(scale)
-  return (outs[0], s) + ((outs[-1],) if cfg.with_y else ())
+  # A given scale passes through: no gradient through it either (stop_gradient(None) is None).
+  return with_next_state(_outputs(outs, jax.lax.stop_gradient(scale)), state, cfg.dtype)
