@@ -235,7 +235,6 @@ __device__ __forceinline__ float Exp2(float x) {
   return y;
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Problem description shared by the kernels
 
