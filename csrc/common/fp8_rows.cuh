@@ -357,8 +357,10 @@ __device__ __forceinline__ void FinishRow(ChunkY&& chunk_y, int64_t row, int t, 
 // FinishRow for a row whose float32 values the thread already holds (y[j] is chunk t + TPR * j,
 // present when that is < chunks): writes y (if asked), finds the scale and quantizes, in one sweep
 // over registers each. `slot` is this row's slot for RowMaxAt (see there). In kAmax, only
-// accumulates the row's |y| into amax_acc; with a given scale, accumulates it and quantizes.
-template <typename T, int V, int N, int TPR>
+// accumulates the row's |y| into amax_acc; with a given scale (kGiven: o.scale_in is set),
+// accumulates it and quantizes. kGiven is a template parameter because the given-scale code, even
+// untaken, made the layer-norm kernel 10% slower when it was compiled into the current-scaling one.
+template <typename T, int V, int N, int TPR, bool kGiven>
 __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row, int t, int chunks, int64_t cols,
                                             const OutArgs& o, float* slot, uint32_t& amax_acc) {
   if (o.y != nullptr && o.pass != Pass::kQuant) {
@@ -374,7 +376,7 @@ __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row,
     }
   }
   float inv;
-  if (o.pass == Pass::kQuant) {  // the tensor amax is complete
+  if (!kGiven && o.pass == Pass::kQuant) {  // the tensor amax is complete
     inv = TensorInverseScale(o);
   } else {
     uint32_t m = 0;
@@ -383,7 +385,7 @@ __device__ __forceinline__ void QuantizeRow(const float (&y)[N][V], int64_t row,
       if (t + TPR * j < chunks)
 #pragma unroll
         for (int k = 0; k < V; ++k) m = max(m, AbsBits(y[j][k]));
-    if (o.scale_in != nullptr) {
+    if constexpr (kGiven) {
       AccumulateAmax(o, row, m, amax_acc);
       inv = __frcp_rn(o.scale_in[DivRows(row, o.scale_group)]);
     } else if (o.pass == Pass::kAmax) {

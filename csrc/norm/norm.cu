@@ -60,7 +60,7 @@ constexpr int kMinBlocks = 65536 / (kRegs<T, V, kVariant, kMean> * kThreads<TPR>
 // while it finishes the current one. Thread t of a row always holds chunks t + TPR * j. The second
 // launch of per-tensor scaling (kQuant) walks its stretch backwards: the rows the amax launch read
 // last are the ones still in L2.
-template <typename T, int V, int N, int TPR, Variant kVariant, Mean kMean>
+template <typename T, int V, int N, int TPR, Variant kVariant, Mean kMean, bool kGiven>
 __global__ void __launch_bounds__(kThreads<TPR>, (kMinBlocks<T, V, TPR, kVariant, kMean>))
     NormFp8Kernel(const NormArgs a) {
   using P = Packed<T, V>;
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kThreads<TPR>, (kMinBlocks<T, V, TPR, kVariant
         }
       }
     }
-    QuantizeRow<T, V, N, TPR>(y, row, t, chunks, a.cols, a.o, slots + 2 * kSlot, amax_acc);
+    QuantizeRow<T, V, N, TPR, kGiven>(y, row, t, chunks, a.cols, a.o, slots + 2 * kSlot, amax_acc);
     if constexpr (kPre) {
 #pragma unroll
       for (int j = 0; j < N; ++j) h[j] = hn[j];
@@ -209,17 +209,23 @@ struct Launcher {
     return cudaGetLastError();
   }
 
-  template <int N, int TPR>
-  cudaError_t operator()() const {
+  template <int N, int TPR, bool kGiven>
+  cudaError_t RunScaling() const {
     constexpr int threads = kThreads<TPR>, rpb = kRowsPerBlock<TPR>;
     switch (variant) {
       case Variant::kAffine:
-        return a.layer ? Run(NormFp8Kernel<T, V, N, TPR, Variant::kAffine, Mean::kYes>, threads, rpb)
-                       : Run(NormFp8Kernel<T, V, N, TPR, Variant::kAffine, Mean::kNo>, threads, rpb);
-      case Variant::kResidual: return Run(NormFp8Kernel<T, V, N, TPR, Variant::kResidual, Mean::kRuntime>, threads, rpb);
-      case Variant::kAda: return Run(NormFp8Kernel<T, V, N, TPR, Variant::kAda, Mean::kRuntime>, threads, rpb);
+        return a.layer ? Run(NormFp8Kernel<T, V, N, TPR, Variant::kAffine, Mean::kYes, kGiven>, threads, rpb)
+                       : Run(NormFp8Kernel<T, V, N, TPR, Variant::kAffine, Mean::kNo, kGiven>, threads, rpb);
+      case Variant::kResidual:
+        return Run(NormFp8Kernel<T, V, N, TPR, Variant::kResidual, Mean::kRuntime, kGiven>, threads, rpb);
+      case Variant::kAda: return Run(NormFp8Kernel<T, V, N, TPR, Variant::kAda, Mean::kRuntime, kGiven>, threads, rpb);
     }
     return cudaErrorInvalidValue;
+  }
+
+  template <int N, int TPR>
+  cudaError_t operator()() const {
+    return a.o.scale_in != nullptr ? RunScaling<N, TPR, true>() : RunScaling<N, TPR, false>();
   }
 };
 

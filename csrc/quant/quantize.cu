@@ -107,7 +107,7 @@ __global__ void QuantizeTensorKernel(const T* __restrict__ x, int64_t n, const f
 // Per-row scaling of rows up to rows::kMaxRowWidth wide: a row is read once into the registers of
 // TPR threads (a warp, 8 rows a block, or a block of up to 512 threads), reduced and quantized from
 // there (rows::QuantizeRow, the fused producers' last step).
-template <typename T, int V, int N, int TPR>
+template <typename T, int V, int N, int TPR, bool kGiven>
 __global__ void __launch_bounds__(TPR == 32 ? kThreads : TPR)
     QuantizeRowsKernel(const T* __restrict__ x, int64_t rows, int64_t cols, const rows::OutArgs o) {
   constexpr int kRowsPerBlock = TPR == 32 ? kThreads / 32 : 1;
@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(TPR == 32 ? kThreads : TPR)
     for (int j = 0; j < N; ++j)
 #pragma unroll
       for (int k = 0; k < V; ++k) y[j][k] = h[j].Get(k);
-    rows::QuantizeRow<T, V, N, TPR>(y, row, t, chunks, cols, o, slot, amax);
+    rows::QuantizeRow<T, V, N, TPR, kGiven>(y, row, t, chunks, cols, o, slot, amax);
   }
   rows::BlockAmaxAtomic(o, amax);
 }
@@ -143,7 +143,9 @@ struct RowsLauncher {
   cudaStream_t stream;
   template <int N, int TPR>
   cudaError_t operator()() const {
-    QuantizeRowsKernel<T, V, N, TPR><<<grid, threads, 0, stream>>>(static_cast<const T*>(a.x), a.rows, a.cols, a.o);
+    const auto kernel = a.o.scale_in != nullptr ? QuantizeRowsKernel<T, V, N, TPR, true>
+                                                : QuantizeRowsKernel<T, V, N, TPR, false>;
+    kernel<<<grid, threads, 0, stream>>>(static_cast<const T*>(a.x), a.rows, a.cols, a.o);
     return cudaGetLastError();
   }
 };
