@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   const int begin = split * tiles_per_split;
   const int end = min(n_tiles_total, begin + tiles_per_split);
   // Before the masks are read, the Q rows and the K / V tiles of the range's first two tiles (both
-  // stages): they are the first listed unless a mask hides them, and a short range (a decode split)
+  // stages): they are the first listed unless a mask hides them, and a short range (a key split)
   // then waits for one round trip to memory instead of one per tile.
   const int guessed = max(0, min(2, end - begin));
   LoadQueryRows<D, kFwdRows * 2, kFwdRows>(p, p.q, sq, b, h, row0);

@@ -1,5 +1,6 @@
 // Attention forward for few query rows against many keys: a decode step (pi0.5: 50 action queries x
-// 8 heads against a 1018-token cache), or any forward whose row tiles fill less than half the GPU.
+// 8 heads against a 1018-token cache), or any forward of at most 1024 folded rows per (batch, KV
+// head) whose row tiles fill less than half the GPU.
 //
 // The keys split over the CTAs of a thread-block cluster, which merge their partial rows through
 // distributed shared memory (MergeKeySplits); each CTA takes 64 folded rows and a range of key
