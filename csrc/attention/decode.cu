@@ -5,11 +5,12 @@
 // The keys split over the CTAs of a thread-block cluster, which merge their partial rows through
 // distributed shared memory (MergeKeySplits); each CTA takes 64 folded rows and a range of key
 // tiles, one at the decode shape. A CTA's time is then the latency of its serial chain, not
-// throughput, and the training kernel ran it with one warp per scheduler. Here both warpgroups
-// compute S = Q K^T and the softmax of the same 64 rows (the tensor cores have time to spare) and
-// each multiplies P by its own half of V's columns: the P V chain, the partial rows a warp writes and
-// the columns it merges are halved, and each scheduler has two warps. There is no tile list (every
-// key's mask is a select per element) and no pipelining beyond two K / V stages.
+// throughput, and the training kernel ran it with one warp per scheduler. Here two warpgroups share
+// the 64 rows (D >= 128): each computes S = Q K^T and the softmax for half of the tile's keys, the
+// row maxima and the halves of P meet in shared memory, and each multiplies all of P by its own half
+// of V's columns. A warp's S, softmax and P V chains, the partial rows it writes and the columns it
+// merges are halved, and each scheduler has two warps. There is no tile list (every key's mask is a
+// select per element) and no pipelining beyond two K / V stages.
 #include "attention/sm90.cuh"
 
 namespace fr::cuda {
@@ -22,14 +23,15 @@ template <int D>
 constexpr int kDecGroups = D >= 128 ? 2 : 1;
 
 template <int D>
-constexpr int DecSmemBytes() {  // Q and two stages of K, V and the keys' effective blocks
-  return 1024 + (kDecRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4;  // 1024: alignment
+constexpr int DecSmemBytes() {  // Q, two stages of K, V and the keys' effective blocks, row maxima, P
+  return 1024 + (kDecRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 2 * kDecRows * 4 +
+         2 * 2 * 4 * 128 * 4;  // 1024: alignment
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
     DecodeKernel(Params p, AttentionForwardOut out, int tiles_per_split) {
-  constexpr int kN = 128 * kDecGroups<D>, kCols = D / kDecGroups<D>;
+  constexpr int kGroups = kDecGroups<D>, kN = 128 * kGroups, kCols = D / kGroups, kKeys = kKeysPerTile / kGroups;
   constexpr uint32_t kStageBytes = kKeysPerTile * D * 2;
   static_assert((kDecRows * (D + 8) + 2 * kDecRows) * 4 <= (kDecRows + 4 * kKeysPerTile) * D * 2,
                 "the partial rows fit where Q, K and V were");
@@ -39,6 +41,8 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
   auto sk = [&](int st) { return Tile{smem + (kDecRows + st * kKeysPerTile) * D * 2, kKeysPerTile}; };
   auto sv = [&](int st) { return Tile{smem + (kDecRows + (2 + st) * kKeysPerTile) * D * 2, kKeysPerTile}; };
   int* eff = reinterpret_cast<int*>(smem + (kDecRows + 4 * kKeysPerTile) * D * 2);  // [2][64]
+  float* row_max = reinterpret_cast<float*>(eff + 2 * kKeysPerTile);                  // [2 groups][64 rows]
+  uint32_t* p_share = reinterpret_cast<uint32_t*>(row_max + 2 * kDecRows);            // [2][2][4][128]
 
   const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv;
   const int64_t row0 = int64_t(blockIdx.x) * kDecRows;
@@ -79,20 +83,47 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
     CpAsyncWait<1>();  // tile it's group: only the next tile's may still be in flight
     FenceAsyncProxy();  // cp.async data -> wgmma reads
     __syncthreads();
-    float s[8][4];
+    // S of this warpgroup's keys (all 64 with one warpgroup; else 32, key 32 * wg on).
+    float s[kKeys / 8][4];
     Zero(s);
     GmmaFence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-      Elem<T>::template GmmaSS<64, 0, 0>(s, dq.At(0, 2 * kk), dk.At(0, 2 * kk, st * kStageBytes), kk);
+      Elem<T>::template GmmaSS<kKeys, 0, 0>(s, dq.At(0, 2 * kk), dk.At(kKeys * wg, 2 * kk, st * kStageBytes), kk);
     GmmaCommit();
     GmmaWait<0>();
     GmmaFenceOperands(s);
     float alpha[2];
-    SoftmaxStep(p, s, eff + st * kKeysPerTile, qb, m, l, alpha);
-    RescaleRows(o, alpha);
     uint32_t pa[4][4];
-    PackP<T>(s, pa);
+    if constexpr (kGroups == 1) {
+      SoftmaxStep(p, s, eff + st * kKeysPerTile, qb, m, l, alpha);
+      PackP<T>(s, pa);
+    } else {
+      // The two halves' row maxima meet in shared memory, then each half's P goes to the other
+      // warpgroup, whose P V runs over all 64 keys.
+      SoftmaxStep(p, s, eff + st * kKeysPerTile + kKeys * wg, qb, m, l, alpha, [&](float (&mx)[2]) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          if (lane % 4 == 0) row_max[wg * kDecRows + r0 + 8 * i] = mx[i];
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 2; ++i) mx[i] = fmaxf(mx[i], row_max[(1 - wg) * kDecRows + r0 + 8 * i]);
+      });
+      uint32_t own[2][4];
+      PackP<T>(s, own);
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p_share[((wg * 2 + kk) * 4 + e) * 128 + threadIdx.x % 128] = own[kk][e];
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          pa[kk][e] = kk / 2 == wg ? own[kk % 2][e]
+                                   : p_share[(((1 - wg) * 2 + kk % 2) * 4 + e) * 128 + threadIdx.x % 128];
+    }
+    RescaleRows(o, alpha);
     GmmaFenceOperands(o);
     GmmaFence();
 #pragma unroll
@@ -109,6 +140,13 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
     CpAsyncCommit();
   }
   CpAsyncWait<0>();
+  if constexpr (kGroups == 2) {  // each warpgroup summed P over its own keys: add the other's sums
+#pragma unroll
+    for (int i = 0; i < 2; ++i) p_share[(wg * 2 + i) * 128 + threadIdx.x % 128] = __float_as_uint(l[i]);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l[i] += __uint_as_float(p_share[((1 - wg) * 2 + i) * 128 + threadIdx.x % 128]);
+  }
   __syncthreads();  // a CTA without tiles still had Q loading
   float inv[2];
   RowInverses(l, inv);

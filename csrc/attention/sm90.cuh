@@ -398,27 +398,29 @@ __device__ void QueryBlockRange(const Params& p, int b, int64_t row0, int nrows,
 }
 
 // One key tile's online-softmax step for this thread's two rows (s: its accumulators of a
-// warpgroup's 64 x 64 S = Q K^T). Applies the softmax scale and soft-cap; masks the keys whose
-// effective block (eff[key]; eff == nullptr: the whole tile is visible) exceeds the row's query
-// block qb; moves the running maximum m (log2 units) only when the tile's exceeds it by more than
+// warpgroup's 64 x 8 * NT S = Q K^T). Applies the softmax scale and soft-cap; masks the keys whose
+// effective block (eff[key]; eff == nullptr: every key visible) exceeds the row's query block qb;
+// moves the running maximum m (log2 units) only when the tile's exceeds it by more than
 // kRescaleSlack (P then stays <= 2^kRescaleSlack: no overflow, the same relative precision, and O is
 // rarely rescaled); turns s into P = 2^(logit - m) and adds it to the row sums l. alpha: what the
-// caller rescales O by (1: nothing to do).
-__device__ __forceinline__ void SoftmaxStep(const Params& p, float (&s)[8][4], const int* eff, const int (&qb)[2],
-                                            float (&m)[2], float (&l)[2], float (&alpha)[2]) {
+// caller rescales O by (1: nothing to do). share_max(mx) may combine the rows' maxima of s with those
+// of the tile's other keys, held elsewhere.
+template <int NT, typename ShareMax>
+__device__ __forceinline__ void SoftmaxStep(const Params& p, float (&s)[NT][4], const int* eff, const int (&qb)[2],
+                                            float (&m)[2], float (&l)[2], float (&alpha)[2], ShareMax&& share_max) {
   // Logits in log2 units are scale * s: a positive scale is applied inside the exponent's FFMA,
   // after the row maximum of s. Branches stay outside the element loops.
   float scale = p.softmax_scale * kLog2e;
   if (p.softcap > 0.0f) {
     const float pre = p.softcap_pre, post = p.softcap * kLog2e;
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[nt][i] = post * tanhf(pre * s[nt][i]);
     scale = 1.0f;
   } else if (scale <= 0.0f) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[nt][i] *= scale;
     scale = 1.0f;
@@ -426,19 +428,24 @@ __device__ __forceinline__ void SoftmaxStep(const Params& p, float (&s)[8][4], c
   if (eff != nullptr) {
     const int* e = eff + 2 * (threadIdx.x % 4);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s[nt][i] = e[nt * 8 + (i & 1)] > qb[i / 2] ? -INFINITY : s[nt][i];
   }
   float mx[2] = {-INFINITY, -INFINITY}, base[2];
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt)
+  for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) mx[i / 2] = fmaxf(mx[i / 2], s[nt][i]);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-    mx[i] = scale * fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+  }
+  share_max(mx);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] *= scale;
     const bool move = mx[i] > m[i] + kRescaleSlack;
     alpha[i] = move ? Exp2(m[i] - mx[i]) : 1.0f;  // 0 for a row that had seen nothing
     m[i] = move ? mx[i] : m[i];
@@ -446,13 +453,19 @@ __device__ __forceinline__ void SoftmaxStep(const Params& p, float (&s)[8][4], c
     base[i] = m[i] == -INFINITY ? 0.0f : m[i];  // a row that has seen nothing yet stays at zero
   }
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       s[nt][i] = Exp2(fmaf(s[nt][i], scale, -base[i / 2]));
       l[i / 2] += s[nt][i];
     }
   }
+}
+
+template <int NT>
+__device__ __forceinline__ void SoftmaxStep(const Params& p, float (&s)[NT][4], const int* eff, const int (&qb)[2],
+                                            float (&m)[2], float (&l)[2], float (&alpha)[2]) {
+  SoftmaxStep(p, s, eff, qb, m, l, alpha, [](float (&)[2]) {});
 }
 
 // O *= alpha per row, skipped by a warp whose rows all keep their maximum (most tiles).
@@ -465,10 +478,10 @@ __device__ __forceinline__ void RescaleRows(float (&o)[N][4], const float (&alph
 }
 
 // P straight from the S accumulators, whose layout is that of the A operand of O += P V.
-template <typename T>
-__device__ __forceinline__ void PackP(const float (&s)[8][4], uint32_t (&pa)[4][4]) {
+template <typename T, int NT>
+__device__ __forceinline__ void PackP(const float (&s)[NT][4], uint32_t (&pa)[NT / 2][4]) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < NT / 2; ++kk) {
     pa[kk][0] = Elem<T>::Pack(s[2 * kk][0], s[2 * kk][1]), pa[kk][1] = Elem<T>::Pack(s[2 * kk][2], s[2 * kk][3]);
     pa[kk][2] = Elem<T>::Pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     pa[kk][3] = Elem<T>::Pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
