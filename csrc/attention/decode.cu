@@ -52,17 +52,19 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
   const int n = max(0, min(n_tiles, begin + tiles_per_split) - begin);
 
   // The first two tiles' key blocks are read first and stored last, so that their latency overlaps
-  // the loads of Q with the first tile and of the second tile (one cp.async group each).
+  // the loads. cp.async groups: Q with K of the first tile, then its V, then K and V of the second,
+  // so that S waits for Q and K only (V arrives while S and the softmax run). Tile i's K is group
+  // 2 i and its V group 2 i + 1 (the loop commits two groups per tile).
   const int first_eff = threadIdx.x < 2 * kKeysPerTile ? KeyEff(p, b, int64_t(begin) * kKeysPerTile + threadIdx.x) : 0;
   LoadQueryRows<D, kN, kDecRows>(p, p.q, sq, b, h, row0);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (i < n) {
-      LoadKeyRows<D, kN>(p, p.k, p.k2, sk(i), b, h, begin + i);
-      LoadKeyRows<D, kN>(p, p.v, p.v2, sv(i), b, h, begin + i);
-    }
+  auto load_tile = [&](int i, int st) {  // K and V of the split's tile i into stage st
+    if (i < n) LoadKeyRows<D, kN>(p, p.k, p.k2, sk(st), b, h, begin + i);
     CpAsyncCommit();
-  }
+    if (i < n) LoadKeyRows<D, kN>(p, p.v, p.v2, sv(st), b, h, begin + i);
+    CpAsyncCommit();
+  };
+  load_tile(0, 0);
+  load_tile(1, 1);
   if (threadIdx.x < 2 * kKeysPerTile) eff[threadIdx.x] = first_eff;
   const int r0 = 16 * (warp % 4) + lane / 4;  // this thread's rows: r0 and r0 + 8
   int qb[2];
@@ -80,7 +82,7 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
   const TileDesc dq(sq, 16, 1024), dk(sk(0), 16, 1024), dv(sv(0), kKeysPerTile * 128, 1024);
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
-    CpAsyncWait<1>();  // tile it's group: only the next tile's may still be in flight
+    CpAsyncWait<3>();  // K of tile it: its V and the next tile's K and V may still be in flight
     FenceAsyncProxy();  // cp.async data -> wgmma reads
     __syncthreads();
     // S of this warpgroup's keys (all 64 with one warpgroup; else 32, key 32 * wg on).
@@ -98,6 +100,9 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
     if constexpr (kGroups == 1) {
       SoftmaxStep(p, s, eff + st * kKeysPerTile, qb, m, l, alpha);
       PackP<T>(s, pa);
+      CpAsyncWait<2>();  // V of tile it
+      FenceAsyncProxy();
+      __syncthreads();
     } else {
       // The two halves' row maxima meet in shared memory, then each half's P goes to the other
       // warpgroup, whose P V runs over all 64 keys.
@@ -115,6 +120,8 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
       for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
         for (int e = 0; e < 4; ++e) p_share[((wg * 2 + kk) * 4 + e) * 128 + threadIdx.x % 128] = own[kk][e];
+      CpAsyncWait<2>();  // V of tile it, visible to every warp after the barrier
+      FenceAsyncProxy();
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -136,8 +143,8 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
     GmmaWait<0>();
     GmmaFenceOperands(o);
     __syncthreads();  // every warp is done with stage st
-    if (it + 2 < n) LoadKeyTile<D, kN>(p, sk(st), sv(st), eff + st * kKeysPerTile, b, h, begin + it + 2);
-    CpAsyncCommit();
+    load_tile(it + 2, st);
+    if (it + 2 < n) StoreKeyEff(p, eff + st * kKeysPerTile, b, begin + it + 2);
   }
   CpAsyncWait<0>();
   if constexpr (kGroups == 2) {  // each warpgroup summed P over its own keys: add the other's sums

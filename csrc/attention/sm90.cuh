@@ -266,15 +266,6 @@ __device__ __forceinline__ int64_t RowOffset(int64_t b, int64_t t, int64_t time,
   return ((b * time + t) * heads + head) * D;
 }
 
-// Source row (K or V, first or second source) of key j for KV head h; nullptr past the end.
-template <int D>
-__device__ __forceinline__ const char* KeyRow(const Params& p, const char* src1, const char* src2, int b, int h,
-                                              int64_t j) {
-  if (j < p.tk1) return src1 + RowOffset<D>(b, j, p.tk1, p.hkv, h) * 2;
-  if (j < p.tk) return src2 + RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h) * 2;
-  return nullptr;
-}
-
 // Issues the cp.async of one 16-byte chunk per row r = r0, r0 + kStep, ... < kRows of `dst` (r0 < kStep)
 // from rows `stride` bytes apart starting at `g`; with kCheck, rows with first + r >= limit are
 // zero-filled (read from `fallback`: nothing, at a valid global address). A fixed trip count, and
@@ -335,9 +326,17 @@ __device__ __forceinline__ void LoadKeyRows(const Params& p, const char* src1, c
     LoadStridedRows<kStep, kKeysPerTile, false>(dst, c, r0, 0, 0, g, int64_t(kStep) * p.hkv * D * 2, src1);
     return;
   }
-  for (int r = threadIdx.x / kChunks; r < kKeysPerTile; r += kStep) {
-    const char* g = KeyRow<D>(p, src1, src2, b, h, j0 + r);
-    CpAsync16(dst.Addr(r, c), g ? g + c * 16 : src1, g != nullptr);
+  // A tile across the end of the first source or past the last key (a decode step's last split,
+  // which its cluster waits for): both sources walked with a fixed stride from the thread's first row.
+  const int r0 = threadIdx.x / kChunks;
+  const int64_t stride = int64_t(kStep) * p.hkv * D * 2;
+  const char* g1 = src1 + RowOffset<D>(b, j0 + r0, p.tk1, p.hkv, h) * 2 + c * 16;
+  const char* g2 = p.tk2 > 0 ? src2 + RowOffset<D>(b, j0 + r0 - p.tk1, p.tk2, p.hkv, h) * 2 + c * 16 : src1;
+#pragma unroll
+  for (int i = 0; i < kKeysPerTile / kStep; ++i) {
+    const int64_t j = j0 + r0 + i * kStep;
+    const char* g = j < p.tk1 ? g1 + i * stride : g2 + i * stride;
+    CpAsync16(dst.Addr(r0 + i * kStep, c), j < p.tk ? g : src1, j < p.tk);
   }
 }
 
