@@ -1,10 +1,13 @@
 """flashrt_jax.attention against jax.nn.dot_product_attention (cuDNN and XLA) on pi0 / pi0.5 shapes.
 
 Cases (--cases, comma-separated names):
-  pi05_train_b32   training, B=32, T=1018 (prefix 968 + suffix 50), Hq 8, Hkv 1, D 256, pi0.5's mask:
-                   the prefix one bidirectional block with one camera view (256 tokens) as padding
-                   inside it, the suffix two more blocks (1 + 49 tokens)
+  pi05_train_b32   training, B=32, T=1018 (prefix 968 + suffix 50), Hq 8, Hkv 1, D 256, pi0.5's mask
+                   as openpi's make_attn_mask builds it: the prefix one bidirectional block with one
+                   camera view (256 tokens) as padding inside it, the suffix two more blocks (1 + 49
+                   tokens); padded tokens neither see nor are seen (flashrt: k_valid and q_valid)
   pi05_train_b4    the same at B=4
+  pi05_train_b32_kpad  pi05_train_b32 with key padding only (k_valid): padded queries attend to the
+                   valid keys, the mask earlier runs measured
   causal_b8_t4096  generic causal, B=8, T=4096, Hq = Hkv = 16, D 128
   pi05_prefix_b1   inference prefix pass, B=1, T=968, one bidirectional block
   pi05_decode_b1   inference flow step: 50 suffix queries vs 968 cached prefix keys (prefix_kv) + their
@@ -56,12 +59,14 @@ PEAK_BYTES = 3.0e12  # measured device-to-device copy (DESIGN.md)
 CASES = {
     "pi05_train_b32": dict(train=True, b=32, tq=1018, tp=0, tk=1018, hq=8, hkv=1, d=256, mask="pi05"),
     "pi05_train_b4": dict(train=True, b=4, tq=1018, tp=0, tk=1018, hq=8, hkv=1, d=256, mask="pi05"),
+    "pi05_train_b32_kpad": dict(train=True, b=32, tq=1018, tp=0, tk=1018, hq=8, hkv=1, d=256, mask="pi05_kpad"),
     "causal_b8_t4096": dict(train=True, b=8, tq=4096, tp=0, tk=4096, hq=16, hkv=16, d=128, mask="causal"),
     "pi05_prefix_b1": dict(train=False, b=1, tq=968, tp=0, tk=968, hq=8, hkv=1, d=256, mask="none"),
     "pi05_decode_b1": dict(train=False, b=1, tq=50, tp=968, tk=50, hq=8, hkv=1, d=256, mask="suffix"),
 }
 SMOKE = {
     "pi05_train_b32": dict(b=2, tq=130, tk=130), "pi05_train_b4": dict(b=1, tq=130, tk=130),
+    "pi05_train_b32_kpad": dict(b=2, tq=130, tk=130),
     "causal_b8_t4096": dict(b=1, tq=256, tk=256, hq=2, hkv=2, d=64), "pi05_prefix_b1": dict(tq=97, tk=97, d=64),
     "pi05_decode_b1": dict(tq=10, tp=90, tk=10, d=64),
 }
@@ -91,12 +96,15 @@ def case_masks(c):
   if c["mask"] == "causal":
     pos = np.arange(tkt)
     return {"mask": "causal"}, np.broadcast_to(pos[None, :] <= pos[tkt - tq:, None], (b, tq, tkt)), {"is_causal": True}
-  ids, valid = pi05_layout(b, tkt, 50 if c["mask"] == "pi05" else c["tq"])
+  ids, valid = pi05_layout(b, tkt, 50 if c["mask"] in ("pi05", "pi05_kpad") else c["tq"])
   if c["mask"] == "suffix":  # decode: the cached prefix is fully valid
     valid[:] = True
   q_ids = ids[:, tkt - tq:]
   dense = (ids[:, None, :] <= q_ids[:, :, None]) & valid[:, None, :]
   kw = {"q_block_ids": jnp.asarray(q_ids), "k_block_ids": jnp.asarray(ids), "k_valid": jnp.asarray(valid)}
+  if c["mask"] == "pi05":  # openpi's make_attn_mask: padded queries see nothing either
+    dense &= valid[:, :, None]
+    kw["q_valid"] = jnp.asarray(valid)
   return kw, dense, {}
 
 

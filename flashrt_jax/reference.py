@@ -161,23 +161,28 @@ def fp8_dense_frozen(x, w_data, w_scale, bias=None, *, granularity: str = "row",
 # Attention
 
 
-def attention_visible(batch: int, tq: int, tk: int, *, q_block_ids=None, k_block_ids=None, k_valid=None):
-  """(batch, tq, tk) bool: query i sees key j iff k_valid[j] and k_block_ids[j] <= q_block_ids[i]."""
+def attention_visible(batch: int, tq: int, tk: int, *, q_block_ids=None, k_block_ids=None, k_valid=None,
+                      q_valid=None):
+  """(batch, tq, tk) bool: query i sees key j iff q_valid[i] and k_valid[j] and
+  k_block_ids[j] <= q_block_ids[i]."""
   vis = jnp.ones((batch, tq, tk), bool)
   if q_block_ids is not None:
     vis = vis & (k_block_ids[:, None, :] <= q_block_ids[:, :, None])
   if k_valid is not None:
     vis = vis & (k_valid[:, None, :] != 0)
+  if q_valid is not None:
+    vis = vis & (q_valid[:, :, None] != 0)
   return vis
 
 
-def attention(q, k, v, *, q_block_ids=None, k_block_ids=None, k_valid=None, prefix_kv=None,
+def attention(q, k, v, *, q_block_ids=None, k_block_ids=None, k_valid=None, q_valid=None, prefix_kv=None,
               softmax_scale=None, softcap=None, return_lse: bool = False):
   """softmax(softcap(scale * q k^T) | visible) v in float32: the definition of flashrt attention.
 
   q (B, Tq, Hq, D); k, v (B, Tk, Hkv, D) with Hq a multiple of Hkv (query head h uses KV head
   h // (Hq // Hkv)); prefix_kv (k_p, v_p) each (B, Tp, Hkv, D) is prepended to the key axis.
-  Masks span the whole key axis: q_block_ids (B, Tq), k_block_ids (B, Tp + Tk), k_valid (B, Tp + Tk).
+  Masks span the whole key axis: q_block_ids (B, Tq), k_block_ids (B, Tp + Tk), k_valid (B, Tp + Tk);
+  q_valid (B, Tq): an invalid query sees no key.
   softmax_scale None: 1 / sqrt(D); softcap None: off, else logits = softcap * tanh(logits / softcap).
   A query with no visible key gets o = 0 and lse = -inf, and passes no gradient.
 
@@ -195,7 +200,8 @@ def attention(q, k, v, *, q_block_ids=None, k_block_ids=None, k_valid=None, pref
   s = jnp.einsum("bqhgd,bkhd->bhgqk", f32(q).reshape(b, tq, hkv, g, d), f32(k), precision=hi) * scale
   if softcap is not None:
     s = softcap * jnp.tanh(s / softcap)
-  vis = attention_visible(b, tq, tk, q_block_ids=q_block_ids, k_block_ids=k_block_ids, k_valid=k_valid)
+  vis = attention_visible(b, tq, tk, q_block_ids=q_block_ids, k_block_ids=k_block_ids, k_valid=k_valid,
+                          q_valid=q_valid)
   s = jnp.where(vis[:, None, None], s, -jnp.inf)
   m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)

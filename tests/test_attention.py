@@ -1,8 +1,9 @@
 """attention against reference.attention (float32 einsums) on fresh random inputs: no mask, causal,
-pi0.5's block-causal mask with padding inside the prefix, padding alone and combined, long and odd
-sequence lengths, queries fewer than keys, GQA ratios, head dims (padded ones too), a cached prefix
-as a second key source, soft-capping and rows that see no key; gradients against jax.grad of the
-reference; determinism; transformations; openpi's mask convention; bad input.
+pi0.5's block-causal mask with padding inside the prefix (padded keys, and padded queries too as in
+openpi), invalid queries under each mask, padding alone and combined, long and odd sequence lengths,
+queries fewer than keys, GQA ratios, head dims (padded ones too), a cached prefix as a second key
+source, soft-capping and rows that see no key; gradients against jax.grad of the reference;
+determinism; transformations; openpi's mask convention; bad input.
 
 On CPU the sizes stay small (B=1, 2 query heads, head_dim 64 for the long sequences): the CPU
 kernels are plain loops. On GPU the same cases run at pi0.5's head layout (8 query heads, 1 KV head,
@@ -89,6 +90,9 @@ def _masks(kind, b, tq, tk):
   if kind == "pi05":  # self-attention
     return ({"block_ids": ids, "k_valid": valid},
             {"q_block_ids": ids, "k_block_ids": ids, "k_valid": valid})
+  if kind == "pi05+qpad":  # openpi's mask: padded tokens neither see nor are seen
+    return ({"block_ids": ids, "k_valid": valid, "q_valid": valid},
+            {"q_block_ids": ids, "k_block_ids": ids, "k_valid": valid, "q_valid": valid})
   if kind == "pi05-suffix":  # the last tq tokens attend to the whole sequence
     return ({"q_block_ids": ids[:, tk - tq:], "k_block_ids": ids, "k_valid": valid},
             {"q_block_ids": ids[:, tk - tq:], "k_block_ids": ids, "k_valid": valid})
@@ -133,6 +137,7 @@ SEQ_CASES = [
     pytest.param(867, 867, "none", id="none-867"),
     pytest.param(1018, 1018, "causal", id="causal-1018"),
     pytest.param(1018, 1018, "pi05", id="pi05-1018"),
+    pytest.param(1018, 1018, "pi05+qpad", id="pi05+qpad-1018"),
     pytest.param(867, 867, "padding", id="padding-867"),
     pytest.param(867, 867, "causal+padding", id="causal+padding-867"),
     pytest.param(51, 1018, "pi05-suffix", id="pi05-suffix-51x1018"),
@@ -216,6 +221,30 @@ def test_attention_prefix_kv(platform, rng):
   _check_grads(got, want, f"attention prefix_kv grads on {platform}")
 
 
+@pytest.mark.parametrize("b,tq,tp", [(1, 1018, 0), (1, 200, 140), (8, 200, 140)],
+                         ids=["key-splits", "key-splits+prefix", "prefix"])
+def test_attention_many_rows(platform, rng, b, tq, tp):
+  """The 128-row forward kernel (more than 1024 folded rows): with few row tiles its key splits merge
+  in a cluster; with a prefix, one key tile spans both key sources (loaded apart from the others)."""
+  hq, hkv, d = (8, 1, 256) if platform == "gpu" else (2, 1, 64)
+  if platform == "cpu":
+    tq, tp = tq // 8, tp // 8
+  case = f"attention many rows B={b} tq={tq} tp={tp} on {platform}"
+  q, k, v, prefix = _qkv(rng, b, tq, tq, hq, hkv, d, tp=tp)
+  ids, valid = map(jnp.asarray, _pi05_layout(b, tp + tq))
+  kw = {"q_block_ids": ids[:, tp:], "k_block_ids": ids, "k_valid": valid, "q_valid": valid[:, tp:]}
+  if tp:
+    kw["prefix_kv"] = prefix
+  fn = lambda q, k, v: flashrt_jax.attention(q, k, v, **kw)
+  ref = lambda q, k, v: reference.attention(q, k, v, **kw)
+  o, lse = flashrt_jax.attention(q, k, v, return_lse=True, **kw)
+  ref_o, ref_lse = reference.attention(q, k, v, return_lse=True, **kw)
+  _check(o, ref_o, case)
+  _check_lse(lse, ref_lse, case)
+  ct = normal(rng, q.shape, BF16)
+  _check_grads(_grads(fn, (q, k, v), ct), _grads(ref, _f32((q, k, v)), ct), f"{case} grads")
+
+
 def test_attention_rows_without_keys(platform, rng):
   """Batch element 0 has no valid key at all, and in element 1 the first queries' block precedes
   every key's: those rows give o = 0, lse = -inf and zero gradients, nothing is NaN."""
@@ -241,12 +270,62 @@ def test_attention_rows_without_keys(platform, rng):
   _check_grads((dq, dk, dv), want, f"attention empty rows grads on {platform}")
 
 
+def _query_validity(b, t):
+  """(b, t) bool: element 0 has isolated invalid queries and a run of 40 (on GPU with 8 query heads
+  per KV head, tokens 32..47 of it fill a whole 128-row query tile), element 1 has no valid query,
+  the others end in padding."""
+  valid = np.ones((b, t), bool)
+  valid[0, [0, 7, t // 2 + 10, t - 1]] = False
+  valid[0, 20:60] = False
+  valid[1] = False
+  valid[2:, t - 20:] = False
+  valid[2:, 10] = False
+  return valid
+
+
+@pytest.mark.parametrize("kind", ["none", "causal", "pi05", "pi05-suffix"])
+def test_attention_invalid_queries(platform, rng, kind):
+  """Invalid queries see no key: o = 0 and lse = -inf exactly, dq = 0 exactly and nothing flows to
+  dk / dv from their rows (changing their cotangent leaves dk / dv bit for bit); the valid rows and
+  all gradients match the reference, nothing is NaN."""
+  b, hq, hkv, d = (3, 8, 1, 256) if platform == "gpu" else (3, 4, 1, 64)
+  tk = 100
+  tq = 30 if kind == "pi05-suffix" else tk
+  case = f"attention invalid queries {kind} tq={tq} tk={tk} on {platform}"
+  q, k, v, _ = _qkv(rng, b, tq, tk, hq, hkv, d)
+  qv = _query_validity(b, tq)
+  kw, ref_kw = _masks(kind, b, tq, tk)
+  kw, ref_kw = dict(kw, q_valid=jnp.asarray(qv)), dict(ref_kw, q_valid=jnp.asarray(qv))
+  o, lse = flashrt_jax.attention(q, k, v, return_lse=True, **kw)
+  o32, lse32 = np.asarray(o.astype(F32)), np.asarray(lse)
+  assert not np.isnan(o32).any() and not np.isnan(lse32).any(), f"{case}: NaN in o or lse"
+  assert (o32[~qv] == 0).all(), f"{case}: o of invalid queries is not zero"
+  assert np.isneginf(lse32.transpose(0, 2, 1)[~qv]).all(), f"{case}: lse of invalid queries is not -inf"
+  ref_o, ref_lse = _ref(q, k, v, return_lse=True, **ref_kw)
+  _check(o, ref_o, case)
+  _check_lse(lse, ref_lse, case)
+
+  fn = lambda q, k, v: flashrt_jax.attention(q, k, v, **kw)
+  ct = normal(rng, q.shape, BF16)
+  dq, dk, dv = _grads(fn, (q, k, v), ct)
+  assert (np.asarray(dq.astype(F32))[~qv] == 0).all(), f"{case}: dq of invalid queries is not zero"
+  want = _grads(lambda q, k, v: reference.attention(q, k, v, **ref_kw), _f32((q, k, v)), ct)
+  _check_grads((dq, dk, dv), want, case)
+  ct_other = jnp.where(jnp.asarray(qv)[:, :, None, None], ct, 100 * normal(rng, q.shape, BF16))
+  _, dk_other, dv_other = _grads(fn, (q, k, v), ct_other)
+  assert_bits_equal(dk, dk_other, f"{case}: dk depends on the cotangent of invalid queries")
+  assert_bits_equal(dv, dv_other, f"{case}: dv depends on the cotangent of invalid queries")
+
+
 # ---------------------------------------------------------------------------------------------
 # Gradients
 
 
 GRAD_CASES = [
     pytest.param("pi05", 200, 200, 4, 1, 64, id="pi05-200-mqa4"),
+    # On GPU at 1018 tokens the padded camera view (tokens 256..511) is folded rows 2048..4095: whole
+    # query tiles of padding, which skip every key tile.
+    pytest.param("pi05+qpad", 200, 200, 8, 1, 64, id="pi05+qpad-200-mqa8"),
     pytest.param("causal+padding", 51, 99, 4, 2, 72, id="causal+padding-51x99-gqa2-d72"),
     pytest.param("none", 33, 77, 2, 2, 128, id="none-33x77-d128"),
     pytest.param("pi05-suffix", 51, 1018, 8, 1, 256, id="pi05-suffix-51x1018-mqa8-d256"),
@@ -256,7 +335,7 @@ GRAD_CASES = [
 @pytest.mark.parametrize("kind,tq,tk,hq,hkv,d", GRAD_CASES)
 def test_attention_grads_match_reference(platform, rng, kind, tq, tk, hq, hkv, d):
   b = 2 if platform == "gpu" else 1
-  if platform == "gpu" and kind == "pi05":
+  if platform == "gpu" and kind in ("pi05", "pi05+qpad"):
     tq = tk = 1018
   case = f"attention grads {kind} tq={tq} tk={tk} Hq={hq} Hkv={hkv} D={d} on {platform}"
   q, k, v, _ = _qkv(rng, b, tq, tk, hq, hkv, d)
@@ -394,14 +473,9 @@ def test_make_attention_mask_ids_matches_openpi(rng, ar_rank):
     ar_mask = ar_mask[0]
   ids, valid = flashrt_jax.make_attention_mask_ids(input_mask, ar_mask)
   assert ids.dtype == jnp.int32 and ids.shape == (b, t) and valid.shape == (b, t)
-  ours = reference.attention_visible(b, t, t, q_block_ids=ids, k_block_ids=ids, k_valid=valid)
-  ours = ours & valid[:, :, None]  # openpi also masks invalid queries
+  ours = reference.attention_visible(b, t, t, q_block_ids=ids, k_block_ids=ids, k_valid=valid, q_valid=valid)
   want = _openpi_make_attn_mask(input_mask, ar_mask)
   assert np.array_equal(np.asarray(ours), np.asarray(want)), "mask from block ids differs from make_attn_mask"
-  # On valid query rows the kernel's mask alone (no query masking) is already openpi's.
-  rows = np.asarray(valid)
-  plain = np.asarray(reference.attention_visible(b, t, t, q_block_ids=ids, k_block_ids=ids, k_valid=valid))
-  assert np.array_equal(plain[rows], np.asarray(want)[rows])
 
 
 @pytest.mark.parametrize("invalid_queries", ["zero", "mean_v"])
@@ -469,6 +543,10 @@ def _bad_cases():
       C("valid-prefix-shape", call(prefix_kv=(kv, kv), k_valid=jnp.ones((2, 8), bool)), ValueError,
         r"attention: k_valid must have shape \(2, 13\)"),
       C("valid-float", call(k_valid=jnp.ones((2, 8), F32)), TypeError, r"attention: k_valid must be bool or an integer"),
+      C("q-valid-shape", call(q_valid=jnp.ones((2, 9), bool)), ValueError, r"attention: q_valid must have shape \(2, 8\)"),
+      C("q-valid-prefix-shape", call(prefix_kv=(kv, kv), q_valid=jnp.ones((2, 13), bool)), ValueError,
+        r"attention: q_valid must have shape \(2, 8\)"),
+      C("q-valid-float", call(q_valid=jnp.ones((2, 8), F32)), TypeError, r"attention: q_valid must be bool or an integer"),
       C("block-ids-cross", call(q=lambda x: x[:, :3], block_ids=ids), ValueError,
         r"attention: block_ids needs as many queries as keys"),
       C("prefix-not-pair", call(prefix_kv=kv), TypeError, r"attention: prefix_kv must be a pair"),

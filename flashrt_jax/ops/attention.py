@@ -1,13 +1,14 @@
 """Flash attention as a differentiable JAX op, and the openpi (pi0 / pi0.5) mask convention.
 
 `attention` runs the fused kernels of csrc/attention (fp32 softmax, never materialising the
-(Tq, Tk) logits) forward and backward. Every mask is expressed as block ids and key validity:
+(Tq, Tk) logits) forward and backward. Every mask is expressed as block ids and validity:
 
-  query i sees key j  iff  k_valid[j]  and  k_block_ids[j] <= q_block_ids[i]
+  query i sees key j  iff  q_valid[i]  and  k_valid[j]  and  k_block_ids[j] <= q_block_ids[i]
 
 which covers causal attention (ids = positions), pi0's block-causal prefix/suffix masks, and padding
-anywhere in the sequence. `make_attention_mask_ids` converts openpi's (input_mask, ar_mask) pair and
-`openpi_attention` is a drop-in for openpi's einsum attention.
+anywhere in the sequence, of keys and of queries. The kernels take block ids and key validity only;
+query validity becomes a block id below every key's. `make_attention_mask_ids` converts openpi's
+(input_mask, ar_mask) pair and `openpi_attention` is a drop-in for openpi's einsum attention.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _static_float(op, name, value, positive):
 
 
 def attention(q, k, v, *, mask=None, block_ids=None, q_block_ids=None, k_block_ids=None, k_valid=None,
-              prefix_kv=None, softmax_scale=None, softcap=None, return_lse: bool = False):
+              q_valid=None, prefix_kv=None, softmax_scale=None, softcap=None, return_lse: bool = False):
   """Flash attention: softmax(softcap(softmax_scale * q k^T), visible keys) v, fp32 softmax.
 
   Args:
@@ -120,13 +121,18 @@ def attention(q, k, v, *, mask=None, block_ids=None, q_block_ids=None, k_block_i
         query 1 x x x x x x
 
       It is implemented as block ids = positions, so it cannot be combined with block ids; it can with
-      k_valid.
+      k_valid and q_valid.
     block_ids: (B, T) integer, self-attention shorthand for q_block_ids = k_block_ids = block_ids
       (needs Tq == Tk_total).
     q_block_ids, k_block_ids: (B, Tq) and (B, Tk_total) integer, given together: query i sees key j
       only if k_block_ids[j] <= q_block_ids[i] (pi0's block-causal mask: the prefix one block, the
       suffix one or more later blocks).
     k_valid: (B, Tk_total) bool or integer (nonzero: valid): invalid keys are seen by no query.
+    q_valid: (B, Tq) bool or integer (nonzero: valid): invalid queries (padding) see no key: o = 0,
+      lse = -inf, and they pass no gradient (dq = 0 on their rows, nothing to dk / dv). They cost
+      nothing where they fill whole query tiles (128 folded rows, 128 / (Hq / Hkv) queries): those
+      tiles skip every key tile, forward and backward. Works with every mask. Block id -2**31 is
+      reserved for them: with q_valid, given block ids are clamped to >= -2**31 + 1.
     prefix_kv: optional (k_prefix, v_prefix), each (B, Tp, Hkv, D): keys prepended to (k, v) without
       concatenating them (a cached prefix); the masks span the whole key axis [prefix; k].
     softmax_scale: Python float; None: 1 / sqrt(D) of the given (unpadded) D.
@@ -190,6 +196,15 @@ def attention(q, k, v, *, mask=None, block_ids=None, q_block_ids=None, k_block_i
   else:
     q_block = k_block = None
   valid = None if k_valid is None else _mask_operand(op, "k_valid", k_valid, (b, tk_total), True)
+  if q_valid is not None:
+    q_ok = _mask_operand(op, "q_valid", q_valid, (b, tq), True) != 0
+    # An invalid query gets the lowest block id, below every key's: it sees nothing, and a query tile
+    # made only of such rows lists no key tile in the kernels.
+    lowest = np.int32(np.iinfo(np.int32).min)
+    if q_block is None:
+      q_block, k_block = jnp.zeros((b, tq), jnp.int32), jnp.zeros((b, tk_total), jnp.int32)
+    q_block = jnp.where(q_ok, jnp.maximum(q_block, lowest + 1), lowest)
+    k_block = jnp.maximum(k_block, lowest + 1)
 
   scale = d ** -0.5 if softmax_scale is None else _static_float(op, "softmax_scale", softmax_scale, False)
   cap = 0.0 if softcap is None else _static_float(op, "softcap", softcap, True)
@@ -221,15 +236,15 @@ def make_attention_mask_ids(input_mask, ar_mask):
   openpi's `make_attn_mask(input_mask, mask_ar)` lets token i see token j iff
   cumsum(ar_mask)[j] <= cumsum(ar_mask)[i] and input_mask[i] and input_mask[j]: a token with
   ar_mask true starts a new block that earlier tokens cannot see. Here block_ids = cumsum(ar_mask)
-  and k_valid = input_mask give the same mask on every valid query row; see `openpi_attention` for
-  the rows of invalid (padding) queries.
+  and valid = input_mask, passed as both k_valid and q_valid, give exactly that mask: padded tokens
+  neither see nor are seen.
 
   Args:
     input_mask: (B, T) bool, true for real tokens.
     ar_mask: (B, T) or (T,) bool or integer.
 
   Returns:
-    block_ids (B, T) int32 and k_valid (B, T) bool.
+    block_ids (B, T) int32 and valid (B, T) bool (for k_valid and q_valid).
   """
   op = "make_attention_mask_ids"
   _array(op, "input_mask", input_mask)
@@ -248,13 +263,16 @@ def openpi_attention(q, k, v, *, input_mask, ar_mask, softmax_scale=None, softca
   """Self-attention under openpi's mask: a drop-in for `softmax(where(make_attn_mask(input_mask,
   ar_mask), q k^T * scale, big_neg)) v` with q (B, T, Hq, D), k, v (B, T, Hkv, D).
 
-  Valid query rows give openpi's result. The rows of invalid (padding) queries differ by nature:
-  openpi masks them entirely, so its softmax over all-equal `big_neg` logits returns the plain mean
-  of v over all T keys, while the kernel lets them see the valid keys of their block. Neither is
-  meaningful (openpi's losses ignore those tokens); `invalid_queries` makes the choice explicit:
+  The mask is openpi's: padded tokens neither see nor are seen (k_valid = q_valid = input_mask), so
+  padded query rows cost the kernels nothing where they fill whole query tiles. Valid query rows
+  give openpi's result. On invalid (padding) query rows openpi's softmax over all-equal `big_neg`
+  logits returns the plain mean of v over all T keys, which is not meaningful (openpi's losses
+  ignore those tokens); `invalid_queries` chooses what they hold:
 
-    "zero" (default): o = 0 on invalid query rows (no gradient flows from them).
-    "mean_v": openpi's exact values there: the mean of v over all keys of the query's KV head.
+    "zero" (default): o = 0, the kernel's own output for a query that sees no key (no gradient
+      flows from those rows).
+    "mean_v": openpi's exact values there: the mean of v over all keys of the query's KV head
+      (gradient flows to v through the mean, as in openpi).
 
   Returns o (B, T, Hq, D) in q's dtype.
   """
@@ -262,11 +280,11 @@ def openpi_attention(q, k, v, *, input_mask, ar_mask, softmax_scale=None, softca
   if invalid_queries not in ("zero", "mean_v"):
     raise ValueError(f"{op}: invalid_queries must be 'zero' or 'mean_v', got {invalid_queries!r}")
   block_ids, valid = make_attention_mask_ids(input_mask, ar_mask)
-  o = attention(q, k, v, block_ids=block_ids, k_valid=valid, softmax_scale=softmax_scale, softcap=softcap)
+  o = attention(q, k, v, block_ids=block_ids, k_valid=valid, q_valid=valid, softmax_scale=softmax_scale,
+                softcap=softcap)
   if invalid_queries == "zero":
-    fill = jnp.zeros((), o.dtype)
-  else:
-    b, t, hq, d = q.shape
-    mean = jnp.mean(v.astype(jnp.float32), axis=1)  # (B, Hkv, D)
-    fill = jnp.repeat(mean, hq // v.shape[2], axis=1)[:, None].astype(o.dtype)  # (B, 1, Hq, D)
+    return o
+  hq = q.shape[2]
+  mean = jnp.mean(v.astype(jnp.float32), axis=1)  # (B, Hkv, D)
+  fill = jnp.repeat(mean, hq // v.shape[2], axis=1)[:, None].astype(o.dtype)  # (B, 1, Hq, D)
   return jnp.where(valid[:, :, None, None], o, fill)
