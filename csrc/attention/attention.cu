@@ -8,68 +8,169 @@
 // tiles it sees at all, and marks those it sees in full, so masked-out tiles cost nothing and full
 // tiles skip the per-element test.
 //
-// Forward: one CTA per (128 folded rows, batch, KV head[, key split]), a warpgroup per 64 rows with
-// warpgroup MMAs (wgmma) from 128-byte-swizzled shared memory; K/V tiles double-buffered through
-// cp.async, Q K^T of one tile issued together with P V of the previous one so the softmax overlaps
-// the tensor cores. Key splits (when the row tiles fill less than half the GPU) merge inside a
-// thread-block cluster through distributed shared memory; few query rows (decode) go to decode.cu.
+// Forward: one CTA per (128 folded rows, batch, KV head[, key split]), warp-specialized: a producer
+// warp loads the listed K / V tiles with TMA into two stages (mbarriers), and two consumer warpgroups
+// of 64 rows run warpgroup MMAs (wgmma) from 128-byte-swizzled shared memory, Q K^T of one tile
+// issued together with P V of the previous one so the softmax overlaps the tensor cores, the two
+// warpgroups taking turns at issuing. Key splits (when the row tiles fill less than half the GPU)
+// merge inside a thread-block cluster through distributed shared memory; few query rows (decode) go
+// to decode.cu.
 // Backward (deterministic, no atomics; wgmma as well): a preprocess kernel (rowsum(dO * O),
 // lse in log2 units), one kernel per key tile for dK / dV looping over the query tiles (all heads of
-// the group, so a shared KV head accumulates without races), and one kernel per query tile for dQ.
+// the group, so a shared KV head accumulates without races), and one kernel per query tile for dQ
+// (warp-specialized like the forward).
+#include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled
+
 #include "attention/sm90.cuh"
 
 namespace fr::cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// The warp-specialized kernels' key pipeline (forward and dQ)
 
-constexpr int kFwdRows = 128;  // rows per forward CTA: 8 warps x 16 rows
+constexpr int kSpecThreads = 3 * 128;      // two consumer warpgroups and one producer warpgroup
+constexpr int kConsumerThreads = 2 * 128;
+// Named barriers (0 is __syncthreads): the consumers' Q (and dO) loaded; kTurnBar + w: warpgroup w's
+// turn to issue (forward) or its dS stored (dQ).
+constexpr int kQueryBar = 1, kTurnBar = 2;
 
+// TMA maps of the two key sources' K and V, (batch, keys, KV heads, D) boxed as 64 keys x 64
+// columns with the 128-byte swizzle: one box is one region of a key Tile.
+struct KeyMaps {
+  CUtensorMap k1, v1, k2, v2;
+};
+
+// The key tiles of a K or V stage: one TMA box per 64 columns, or, for the tile across the end of
+// the first key source (the last tile of a cached prefix), cp.async by the warp, completed and
+// fenced for wgmma before the arrive. `full` expects one arrival per lane.
 template <int D>
-constexpr int FwdSmemBytes() {
-  return 1024 + (kFwdRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 16;  // 1024: alignment
+__device__ __forceinline__ void ProduceKeyStage(const Params& p, const CUtensorMap& m1, const CUtensorMap& m2,
+                                                const char* src1, const char* src2, const Tile& dst,
+                                                uint64_t* full, int b, int h, int64_t j0, int lane) {
+  if (j0 < p.tk1 && j0 + kKeysPerTile > p.tk1 && p.tk2 > 0) {
+    constexpr int kChunks = D / 8;
+    const int c = lane % kChunks;
+#pragma unroll 1
+    for (int r = lane / kChunks; r < kKeysPerTile; r += 32 / kChunks) {
+      const int64_t j = j0 + r;
+      const char* g = j < p.tk1 ? src1 + RowOffset<D>(b, j, p.tk1, p.hkv, h) * 2
+                                : src2 + RowOffset<D>(b, j - p.tk1, p.tk2, p.hkv, h) * 2;
+      CpAsync16(dst.Addr(r, c), j < p.tk ? g + c * 16 : src1, j < p.tk);
+    }
+    CpAsyncCommit();
+    CpAsyncWait<0>();
+    FenceAsyncProxy();
+    MbarArrive(full);
+    return;
+  }
+  if (lane != 0) {
+    MbarArrive(full);
+    return;
+  }
+  MbarArriveExpectTx(full, kKeysPerTile * D * 2);
+  const bool first = j0 < p.tk1;  // keys past the map's end arrive as zeros
+  const CUtensorMap& map = first ? m1 : m2;
+  const int j = int(first ? j0 : j0 - p.tk1);
+#pragma unroll
+  for (int r = 0; r < D / 64; ++r) TmaLoad4d(dst.Addr(0, 8 * r), &map, 64 * r, h, j, b, full);
 }
 
+// The key-tile pipeline of the warp-specialized kernels: bars = k_full[2], v_full[2], k_empty[2],
+// v_empty[2] (full: the producer warp's lanes arrive, TMA bytes complete; empty: every consumer
+// thread arrives). Thread 0, before a barrier.
+__device__ __forceinline__ void InitKeyPipeline(uint64_t* bars) {
+  for (int st = 0; st < 2; ++st) {
+    MbarInit(&bars[st], 32), MbarInit(&bars[2 + st], 32);
+    MbarInit(&bars[4 + st], kConsumerThreads), MbarInit(&bars[6 + st], kConsumerThreads);
+  }
+  MbarInitFence();
+}
+
+// The producer warp's loop: K (with its keys' effective blocks, eff[2][64]) and V of the n listed
+// tiles into stages st = it % 2 of k0 / v0 (the second stage follows the first), each once both
+// consumers have released the stage's previous tile.
+template <int D>
+__device__ __forceinline__ void ProduceKeyTiles(const Params& p, const KeyMaps& maps, const Tile& k0, const Tile& v0,
+                                                int* eff, uint64_t* bars, const uint16_t* list, int n, int b, int h,
+                                                int lane) {
+  constexpr int kStageBytes = kKeysPerTile * D * 2;
+  for (int it = 0; it < n; ++it) {
+    const int st = it & 1;
+    const uint32_t free_parity = ((it >> 1) & 1) ^ 1;  // a fresh barrier counts as free
+    const int64_t j0 = int64_t(list[it] & ~kFullTile) * kKeysPerTile;
+    MbarWait(&bars[4 + st], free_parity);
+    eff[st * kKeysPerTile + lane] = KeyEff(p, b, j0 + lane);
+    eff[st * kKeysPerTile + 32 + lane] = KeyEff(p, b, j0 + 32 + lane);
+    ProduceKeyStage<D>(p, maps.k1, maps.k2, p.k, p.k2, Tile{k0.base + st * kStageBytes, kKeysPerTile}, &bars[st],
+                       b, h, j0, lane);
+    MbarWait(&bars[6 + st], free_parity);
+    ProduceKeyStage<D>(p, maps.v1, maps.v2, p.v, p.v2, Tile{v0.base + st * kStageBytes, kKeysPerTile},
+                       &bars[2 + st], b, h, j0, lane);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+constexpr int kFwdRows = 128;  // rows per forward CTA: two consumer warpgroups of 64
+
+template <int D>
+constexpr int FwdSmemBytes() {  // 1024: alignment; then Q, K / V stages, key blocks, reduction, mbarriers
+  return 1024 + (kFwdRows * D + 4 * kKeysPerTile * D) * 2 + 2 * kKeysPerTile * 4 + 16 + 8 * 8;
+}
+
+// One CTA per (128 folded rows, batch, KV head[, key split]), warp-specialized: warpgroup 2's first
+// warp loads the listed K / V tiles with TMA into two stages each (mbarriers: full when landed, empty
+// when both consumers are done), while warpgroups 0 and 1 each own 64 rows. A consumer issues
+// S_it = Q K_it^T together with P V of the previous tile, then runs the softmax of S_it while those
+// run; the two consumers take turns at issuing (ping-pong), so one's softmax overlaps the other's
+// MMAs.
 template <typename T, int D>
-__global__ void __launch_bounds__(kFwdRows * 2, 1)
-    ForwardKernel(Params p, AttentionForwardOut out, int tiles_per_split) {
-  constexpr int kChunks = D / 8, kDTiles = D / 8;
+__global__ void __launch_bounds__(kSpecThreads, 1)
+    ForwardKernel(Params p, AttentionForwardOut out, int tiles_per_split, const __grid_constant__ KeyMaps maps) {
+  constexpr int kDTiles = D / 8;
+  constexpr uint32_t kStageBytes = kKeysPerTile * D * 2;
   extern __shared__ __align__(128) char smem_raw[];
   char* smem = smem_raw + ((1024 - SmemAddr(smem_raw) % 1024) % 1024);  // wgmma's swizzle atoms
   const Tile sq{smem, kFwdRows};
   // Stage st of the double-buffered K and V tiles (computed, not indexed, to stay in registers).
   auto sk = [&](int st) { return Tile{smem + (kFwdRows + st * kKeysPerTile) * D * 2, kKeysPerTile}; };
   auto sv = [&](int st) { return Tile{smem + (kFwdRows + (2 + st) * kKeysPerTile) * D * 2, kKeysPerTile}; };
-  int* eff = reinterpret_cast<int*>(smem + (kFwdRows + 4 * kKeysPerTile) * D * 2);  // [2][64]
+  int* eff = reinterpret_cast<int*>(smem + (kFwdRows + 4 * kKeysPerTile) * D * 2);  // [2][64], with K
   int* red = eff + 2 * kKeysPerTile;                                                 // 4 ints
-  const int n_tiles_total = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
-  uint8_t* flags = reinterpret_cast<uint8_t*>(red + 4);
+  uint64_t* k_full = reinterpret_cast<uint64_t*>(red + 4);
+  uint64_t *v_full = k_full + 2, *k_empty = k_full + 4, *v_empty = k_full + 6;
+  uint8_t* flags = reinterpret_cast<uint8_t*>(k_full + 8);
   uint16_t* list = reinterpret_cast<uint16_t*>(flags + ((tiles_per_split + 1) & ~1));
+  const int n_tiles_total = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
 
   const int b = blockIdx.y / p.hkv, h = blockIdx.y % p.hkv, split = blockIdx.z;
   const int64_t row0 = int64_t(blockIdx.x) * kFwdRows;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-
   const int begin = split * tiles_per_split;
   const int end = min(n_tiles_total, begin + tiles_per_split);
-  // Before the masks are read, the Q rows and the K / V tiles of the range's first two tiles (both
-  // stages): they are the first listed unless a mask hides them, and a short range (a key split)
-  // then waits for one round trip to memory instead of one per tile.
-  const int guessed = max(0, min(2, end - begin));
-  LoadQueryRows<D, kFwdRows * 2, kFwdRows>(p, p.q, sq, b, h, row0);
-  for (int i = 0; i < guessed; ++i)
-    LoadKeyTile<D, kFwdRows * 2>(p, sk(i), sv(i), eff + i * kKeysPerTile, b, h, begin + i);
+
+  // The consumers' Q rows load while the tile list is built.
+  if (wg < 2) LoadQueryRows<D, kConsumerThreads, kFwdRows>(p, p.q, sq, b, h, row0);
   CpAsyncCommit();
+  if (threadIdx.x == 0) InitKeyPipeline(k_full);
   int qmin, qmax;
   bool complete;
-  QueryBlockRange(p, b, row0, kFwdRows, red, &qmin, &qmax, &complete);
+  QueryBlockRange(p, b, row0, kFwdRows, red, &qmin, &qmax, &complete);  // (its barriers publish the inits)
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, begin, max(begin, end), list, flags, red + 3);
-  auto tile_of = [&](int i) { return list[i] & ~kFullTile; };
-  int ready = 0;  // listed tiles whose K and V are already loading
-  while (ready < min(guessed, n) && tile_of(ready) == begin + ready) ++ready;
-  if (ready < guessed) CpAsyncWait<0>();  // a guessed tile is not listed: its stage gets reloaded
 
+  if (wg == 2) {  // producer
+    WarpgroupRegisters<40>();
+    if (warp == 8) ProduceKeyTiles<D>(p, maps, sk(0), sv(0), eff, k_full, list, n, b, h, lane);
+    if (gridDim.z > 1) {
+      __syncthreads();  // matches the consumers' barrier before the merge
+      MergeKeySplitsBarriers();
+    }
+    return;
+  }
+
+  WarpgroupRegisters<232>();
   // This thread's two rows (r0 and r0 + 8 of the warp's 16) and their query blocks.
   const int r0 = 16 * warp + lane / 4;
   int qb[2];
@@ -78,38 +179,26 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     const int64_t t = (row0 + r0 + 8 * i) / p.group;
     qb[i] = t < p.tq ? QueryBlock(p, b, t) : INT_MIN;
   }
+  CpAsyncWait<0>();
+  FenceAsyncProxy();  // cp.async data -> wgmma reads
+  NamedBarSync(kQueryBar, kConsumerThreads);
 
   float o[kDTiles][4];
   Zero(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   uint32_t pa[4][4];  // P of the previous tile as the A operand of O += P V
 
-  // Software pipeline, per iteration `it`: S_it = Q K_it and O += P_{it-1} V_{it-1} go to the tensor
-  // cores together; the softmax of S_it runs while the second is still in flight; then O is rescaled.
-  // K_it and V_{it-1} were loaded during the previous iteration (stage it % 2 and (it - 1) % 2 of
-  // each); K_{it+1} and V_it load during this one, into stages whose previous tiles are done.
   // Descriptors: Q and K K-major, V MN-major (the region size as leading byte offset).
-  constexpr uint32_t kStageBytes = kKeysPerTile * D * 2;
   const TileDesc dq(sq, 16, 1024), dk(sk(0), 16, 1024), dv(sv(0), kKeysPerTile * 128, 1024);
   auto v_desc = [&](int kk, int nc, int st) { return dv.At(16 * kk, 8 * nc, st * kStageBytes); };
-  if (ready == 0 && n > 0) {
-    LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(0), b, h, tile_of(0));
-    StoreKeyEff(p, eff, b, tile_of(0));
-  }
-  CpAsyncCommit();
+  // Turns: warpgroup w issues after the other's arrive on kTurnBar + w; warpgroup 0 goes first, and
+  // each warpgroup arrives as often as the other syncs.
+  if (wg == 1 && n > 0) NamedBarArrive(kTurnBar, kConsumerThreads);
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
-    CpAsyncWait<0>();
-    FenceAsyncProxy();  // cp.async data -> wgmma reads
-    __syncthreads();
-    // Issuing these after the MMAs below measured slower (786 vs 697 us at pi0.5 B 32).
-    if (it + 1 < n && it + 1 >= ready) {
-      LoadKeyRows<D, kFwdRows * 2>(p, p.k, p.k2, sk(st ^ 1), b, h, tile_of(it + 1));
-      StoreKeyEff(p, eff + (st ^ 1) * kKeysPerTile, b, tile_of(it + 1));
-    }
-    if (it >= ready) LoadKeyRows<D, kFwdRows * 2>(p, p.v, p.v2, sv(st), b, h, tile_of(it));
-    CpAsyncCommit();
-
+    MbarWait(&k_full[st], (it >> 1) & 1);
+    if (it > 0) MbarWait(&v_full[st ^ 1], ((it - 1) >> 1) & 1);
+    NamedBarSync(kTurnBar + wg, kConsumerThreads);
     // S = Q K^T for this warpgroup's 64 rows: K-major Q and K, 16 columns of D per step. Rows 64 * wg
     // and K row 0 are multiples of 8, where Addr adds no swizzle.
     float s[8][4];
@@ -129,23 +218,28 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
         for (int nc = 0; nc < D / 64; ++nc)
           Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk], v_desc(kk, nc, st ^ 1));
       GmmaCommit();
+    }
+    if (it > 0) {
       GmmaWait<1>();
     } else {
       GmmaWait<0>();
     }
     GmmaFenceOperands(s);
+    // The other warpgroup's turn once S is in: its MMAs still queue behind this one's P V, and an
+    // arrive between the issue and the wait made ptxas serialize the MMAs (C7514).
+    if (wg == 0 || it + 1 < n) NamedBarArrive(kTurnBar + 1 - wg, kConsumerThreads);
 
     float alpha[2];
     SoftmaxStep(p, s, list[it] & kFullTile ? nullptr : eff + st * kKeysPerTile, qb, m, l, alpha);
     GmmaWait<0>();  // the previous tile's P V: O and pa are free again
+    MbarArrive(&k_empty[st]);
+    if (it > 0) MbarArrive(&v_empty[st ^ 1]);
     GmmaFenceOperands(o);
     RescaleRows(o, alpha);
     PackP<T>(s, pa);
   }
-  CpAsyncWait<0>();
   if (n > 0) {  // the last tile's P V
-    FenceAsyncProxy();
-    __syncthreads();
+    MbarWait(&v_full[(n - 1) & 1], ((n - 1) >> 1) & 1);
     GmmaFenceOperands(o);
     GmmaFence();
 #pragma unroll
@@ -171,7 +265,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
     __syncwarp();
     // A warp-wide store covers kRowStep rows. With one KV head (MQA) the folded rows are the
     // output's rows; else (t, head) comes from a 32-bit division per row (64-bit ones cost ~5% here).
-    constexpr int kRowStep = 32 / kChunks;
+    constexpr int kChunks = D / 8, kRowStep = 32 / kChunks;
     const int c = lane % kChunks;
 #pragma unroll
     for (int r = 16 * warp + lane / kChunks; r < 16 * (warp + 1); r += kRowStep) {
@@ -199,7 +293,7 @@ __global__ void __launch_bounds__(kFwdRows * 2, 1)
   // The merge buffer overlaps Q, K and V: this CTA's warps are done with them, and the cluster
   // barrier's wait in MergeKeySplits tells that every other CTA is.
   __syncthreads();  // every warp is done with Q, K and V in shared memory
-  MergeKeySplits<T, D, kFwdRows, D>(p, out, smem, b, h, row0, o, inv, m, l, r0, 0);
+  MergeKeySplits<T, D, kFwdRows, D>(p, out, smem, b, h, row0, o, inv, m, l, r0, 0, kConsumerThreads / 32);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,8 +309,12 @@ __global__ void __launch_bounds__(kThreads) BackwardPrepKernel(Params p, Attenti
   const int64_t row = int64_t(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;  // (b, t, head)
   const int lane = threadIdx.x % 32;
   if (row >= rows_total) return;
+  const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
+  const int64_t i = (b * p.hq + head) * p.tq + t;
+  const float lse = g.lse[i];
   float acc = 0.0f;
-  for (int c = lane; c < D / 8; c += 32) {
+  // A row that saw no key (a padding query) has P = 0: its delta is never used, so O and dO stay unread.
+  for (int c = lane; c < D / 8 && lse != -INFINITY; c += 32) {
     const int4 ov = reinterpret_cast<const int4*>(static_cast<const T*>(g.o) + row * D)[c];
     const int4 dv = reinterpret_cast<const int4*>(static_cast<const T*>(g.d_o) + row * D)[c];
     const uint32_t* ou = reinterpret_cast<const uint32_t*>(&ov);
@@ -229,9 +327,6 @@ __global__ void __launch_bounds__(kThreads) BackwardPrepKernel(Params p, Attenti
   }
   for (int off = 16; off; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {
-    const int64_t t = (row / p.hq) % p.tq, b = row / (p.hq * p.tq), head = row % p.hq;
-    const int64_t i = (b * p.hq + head) * p.tq + t;
-    const float lse = g.lse[i];
     delta[i] = acc;
     lse2[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
   }
@@ -469,28 +564,32 @@ __global__ void __launch_bounds__(kThreads) BackwardKVReduceKernel(Params p, Att
 }
 
 template <int D>
-constexpr int BwdQSmemBytes() {
+constexpr int BwdQSmemBytes() {  // 1024: alignment; Q, dO, K / V stages, dS; key blocks, rows, reduction, mbarriers
   return 1024 + (2 * kBwdRows * D + 4 * kKeysPerTile * D + kBwdRows * kKeysPerTile) * 2 + 2 * kKeysPerTile * 4 +
-         3 * kBwdRows * 4 + 16;
+         3 * kBwdRows * 4 + 16 + 8 * 8;
 }
 
-// dQ for one query tile of one (batch, KV head), looping over the key tiles it sees.
+// dQ for one query tile of one (batch, KV head), looping over the key tiles it sees. Warp-specialized
+// like the forward: warpgroup 2's first warp loads the tiles; warpgroups 0 and 1 each take 32 keys
+// of a tile (S and dP recomputed, dS stored, dQ += dS K) without waiting for each other, and their
+// halves of dQ are summed at the end.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1)
-    BackwardQKernel(Params p, AttentionBackwardArgs g, const float* delta, const float* lse2) {
+__global__ void __launch_bounds__(kSpecThreads, 1) BackwardQKernel(Params p, AttentionBackwardArgs g,
+                                                                  const float* delta, const float* lse2,
+                                                                  const __grid_constant__ KeyMaps maps) {
   extern __shared__ __align__(128) char smem[];
   char* ptr = smem + ((1024 - SmemAddr(smem) % 1024) % 1024);  // wgmma's swizzle atoms
   auto take = [&ptr](int bytes) { char* r = ptr; ptr += bytes; return r; };
   const Tile sq{take(kBwdRows * D * 2), kBwdRows}, sdo{take(kBwdRows * D * 2), kBwdRows};
-  char* k_stages = take(2 * kKeysPerTile * D * 2);
-  char* v_stages = take(2 * kKeysPerTile * D * 2);
-  auto sk = [&](int st) { return Tile{k_stages + st * kKeysPerTile * D * 2, kKeysPerTile}; };
-  auto sv = [&](int st) { return Tile{v_stages + st * kKeysPerTile * D * 2, kKeysPerTile}; };
+  const Tile k0{take(2 * kKeysPerTile * D * 2), kKeysPerTile}, v0{take(2 * kKeysPerTile * D * 2), kKeysPerTile};
+  auto sk = [&](int st) { return Tile{k0.base + st * kKeysPerTile * D * 2, kKeysPerTile}; };
+  auto sv = [&](int st) { return Tile{v0.base + st * kKeysPerTile * D * 2, kKeysPerTile}; };
   const Tile sds{take(kBwdRows * kKeysPerTile * 2), kBwdRows};
   int* eff = reinterpret_cast<int*>(take(2 * kKeysPerTile * 4));
   RowInfo ri{reinterpret_cast<float*>(take(kBwdRows * 4)), reinterpret_cast<float*>(take(kBwdRows * 4)),
              reinterpret_cast<int*>(take(kBwdRows * 4))};
   int* red = reinterpret_cast<int*>(take(16));
+  uint64_t* bars = reinterpret_cast<uint64_t*>(take(8 * 8));  // k_full[2], v_full[2], k_empty[2], v_empty[2]
   const int n_ktiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
   uint8_t* flags = reinterpret_cast<uint8_t*>(take((n_ktiles + 1) & ~1));
   uint16_t* list = reinterpret_cast<uint16_t*>(ptr);
@@ -500,42 +599,46 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp % 4, wg = warp / 4;
 
-  LoadQueryRows<D, kThreads, kBwdRows>(p, p.q, sq, b, h, row0);
-  LoadQueryRows<D, kThreads, kBwdRows>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0);
+  if (wg < 2) {
+    LoadQueryRows<D, kConsumerThreads, kBwdRows>(p, p.q, sq, b, h, row0);
+    LoadQueryRows<D, kConsumerThreads, kBwdRows>(p, static_cast<const char*>(g.d_o), sdo, b, h, row0);
+  }
   CpAsyncCommit();
   LoadRowInfo(p, lse2, delta, ri, b, h, row0);
+  if (threadIdx.x == 0) InitKeyPipeline(bars);
   int qmin, qmax;
   bool complete;
-  QueryBlockRange(p, b, row0, kBwdRows, red, &qmin, &qmax, &complete);
+  QueryBlockRange(p, b, row0, kBwdRows, red, &qmin, &qmax, &complete);  // (its barriers publish the inits)
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, 0, n_ktiles, list, flags, red + 3);
 
-  float dq[D / 8][4];  // this warpgroup's half of the keys; the halves are summed at the end
+  if (wg == 2) {  // producer
+    WarpgroupRegisters<40>();
+    if (warp == 8) ProduceKeyTiles<D>(p, maps, k0, v0, eff, bars, list, n, b, h, lane);
+    return;
+  }
+
+  WarpgroupRegisters<232>();
+  CpAsyncWait<0>();
+  FenceAsyncProxy();  // cp.async data -> wgmma reads
+  NamedBarSync(kQueryBar, kConsumerThreads);
+  float dq[D / 8][4];  // this warpgroup's half of the keys
   Zero(dq);
-  if (n > 0) LoadKeyTile<D, kThreads>(p, sk(0), sv(0), eff, b, h, list[0] & ~kFullTile);
-  CpAsyncCommit();
   for (int it = 0; it < n; ++it) {
     const int st = it & 1;
-    CpAsyncWait<0>();
-    FenceAsyncProxy();
-    __syncthreads();
-    {
-      // The next key tile loads while the tensor cores work.
-      float s[4][4], dp[4][4];
-      Zero(s);
-      Zero(dp);
-      GmmaFence();
-      GroupMmaIssue<T, 4, D / 16, false, false>(s, sq, sk(st), 32 * wg);
-      GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
-      GmmaCommit();
-      if (it + 1 < n)
-        LoadKeyTile<D, kThreads>(p, sk(st ^ 1), sv(st ^ 1), eff + (st ^ 1) * kKeysPerTile, b, h,
-                                 list[it + 1] & ~kFullTile);
-      CpAsyncCommit();
-      GroupMmaWait(s, dp);
-      SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
-    }
-    FenceAsyncProxy();  // dS stores -> wgmma reads
-    __syncthreads();
+    MbarWait(&bars[st], (it >> 1) & 1);
+    MbarWait(&bars[2 + st], (it >> 1) & 1);
+    float s[4][4], dp[4][4];
+    Zero(s);
+    Zero(dp);
+    GmmaFence();
+    GroupMmaIssue<T, 4, D / 16, false, false>(s, sq, sk(st), 32 * wg);
+    GroupMmaIssue<T, 4, D / 16, false, false>(dp, sdo, sv(st), 32 * wg);
+    GmmaCommit();
+    GroupMmaWait(s, dp);
+    MbarArrive(&bars[6 + st]);  // V read
+    SoftmaxGrad<T>(p, s, dp, 16 * wm, 32 * wg, ri, eff + st * kKeysPerTile, list[it] & kFullTile, nullptr, sds);
+    FenceAsyncProxy();                                  // dS stores -> wgmma reads
+    NamedBarSync(kTurnBar + wg, kConsumerThreads / 2);  // this warpgroup's dS columns are stored
     // dQ += dS K over this warpgroup's 32 keys: dS K-major, K N-major.
     GmmaFenceOperands(dq);
     GmmaFence();
@@ -543,13 +646,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     GmmaCommit();
     GmmaWait<0>();
     GmmaFenceOperands(dq);
-    __syncthreads();
+    MbarArrive(&bars[4 + st]);  // K and its key blocks read
   }
-  CpAsyncWait<0>();
-  __syncthreads();
-  // Sum the two warpgroups' halves through shared memory (the K stages are free now).
-  float* partial = reinterpret_cast<float*>(k_stages);  // [kBwdRows][D]
+  // Sum the two warpgroups' halves through shared memory (the K stages are free once both are done).
+  float* partial = reinterpret_cast<float*>(k0.base);  // [kBwdRows][D]
   const int r0 = 16 * wm + lane / 4;
+  NamedBarSync(kQueryBar, kConsumerThreads);
   if (wg == 1) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -558,7 +660,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<float2*>(partial + (r0 + 8 * i) * D + dt * 8 + 2 * (lane % 4)) =
             make_float2(dq[dt][2 * i], dq[dt][2 * i + 1]);
   }
-  __syncthreads();
+  NamedBarSync(kQueryBar, kConsumerThreads);
   if (wg == 1) return;
 
 #pragma unroll
@@ -577,6 +679,41 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------------------------------------
 // Host side
+
+// A (batch, keys, KV heads, D) K or V source as a TMA map of 64-key x 64-column boxes (KeyMaps).
+cudaError_t EncodeKeyMap(CUtensorMap* map, const void* base, bool bf16, int d, int64_t batch, int64_t keys,
+                         int64_t hkv) {
+  static const auto encode = [] {  // the driver's entry point, through the runtime (no libcuda link)
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[4] = {cuuint64_t(d), cuuint64_t(hkv), cuuint64_t(keys), cuuint64_t(batch)};
+  const cuuint64_t strides[3] = {cuuint64_t(d) * 2, cuuint64_t(hkv * d) * 2, cuuint64_t(keys * hkv * d) * 2};
+  const cuuint32_t box[4] = {64, 1, kKeysPerTile, 1}, unit[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                            const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);  // out-of-range keys read as zeros
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+cudaError_t EncodeKeyMaps(const AttentionArgs& a, KeyMaps* maps) {
+  const bool bf16 = a.dtype == DType::kBF16;
+  const int d = int(a.head_dim);
+  auto encode = [&](CUtensorMap* map, const void* base, int64_t keys) {
+    return keys > 0 ? EncodeKeyMap(map, base, bf16, d, a.batch, keys, a.hkv) : cudaSuccess;
+  };
+  for (const cudaError_t e : {encode(&maps->k1, a.k, a.tk1), encode(&maps->v1, a.v, a.tk1),
+                              encode(&maps->k2, a.k2, a.tk2), encode(&maps->v2, a.v2, a.tk2)})
+    if (e != cudaSuccess) return e;
+  return cudaSuccess;
+}
 
 // Key splits of the forward pass: when the 128-row query tiles fill less than half the GPU (decode:
 // few queries, many keys), as many key ranges as keep every CTA in the first wave, at least one key
@@ -599,9 +736,11 @@ cudaError_t Forward(const AttentionArgs& a, const AttentionForwardOut& out, cuda
   // Few rows (decode): the dedicated kernel of decode.cu; the 128-row kernel measured faster for a
   // 968-token prefix.
   if (splits > 1 && p.rows <= 1024) return AttentionDecodeForward(a, out, splits, stream);
+  KeyMaps maps{};
+  if (cudaError_t e = EncodeKeyMaps(a, &maps); e != cudaSuccess) return e;
   const cudaError_t e = LaunchSplits(
-      ForwardKernel<T, D>, p, out, kFwdRows, 2 * kFwdRows,
-      [](int per_split) { return FwdSmemBytes<D>() + ListBytes(per_split); }, splits, device, stream);
+      ForwardKernel<T, D>, p, out, kFwdRows, kSpecThreads,
+      [](int per_split) { return FwdSmemBytes<D>() + ListBytes(per_split); }, splits, device, stream, maps);
   return e != cudaSuccess ? e : cudaGetLastError();
 }
 
@@ -633,7 +772,10 @@ cudaError_t Backward(const AttentionArgs& a, const AttentionBackwardArgs& g, voi
   const int q_smem = BwdQSmemBytes<D>() + ListBytes(n_ktiles);
   auto q_kernel = BackwardQKernel<T, D>;
   if (cudaError_t e = SetSmem(q_kernel, q_smem, device); e != cudaSuccess) return e;
-  q_kernel<<<dim3(unsigned(n_qtiles), unsigned(p.batch * p.hkv)), kThreads, q_smem, stream>>>(p, g, delta, lse2);
+  KeyMaps maps{};
+  if (cudaError_t e = EncodeKeyMaps(a, &maps); e != cudaSuccess) return e;
+  q_kernel<<<dim3(unsigned(n_qtiles), unsigned(p.batch * p.hkv)), kSpecThreads, q_smem, stream>>>(p, g, delta, lse2,
+                                                                                                 maps);
   return cudaGetLastError();
 }
 

@@ -157,7 +157,8 @@ __global__ void __launch_bounds__(128 * kDecGroups<D>, 1)
   __syncthreads();  // a CTA without tiles still had Q loading
   float inv[2];
   RowInverses(l, inv);
-  MergeKeySplits<T, D, kDecRows, (D > 128 ? 128 : D)>(p, out, smem, b, h, row0, o, inv, m, l, r0, wg * kCols);
+  MergeKeySplits<T, D, kDecRows, (D > 128 ? 128 : D)>(p, out, smem, b, h, row0, o, inv, m, l, r0, wg * kCols,
+                                                      4 * kDecGroups<D>);
 }
 
 template <typename T, int D>

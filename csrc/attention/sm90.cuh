@@ -217,6 +217,54 @@ __device__ __forceinline__ void GroupMmaWait(float (&a)[N][4], float (&b)[M][4])
 
 __device__ __forceinline__ void FenceAsyncProxy() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// mbarriers (shared memory, 8 bytes): arrivals and, for TMA loads, transaction bytes complete a
+// phase; waiters name the parity of the phase they wait for.
+__device__ __forceinline__ void MbarInit(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(count));
+}
+// Makes the inits visible to the other threads and to the TMA unit (then a barrier).
+__device__ __forceinline__ void MbarInitFence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+}
+// Arrives and adds `bytes` that TMA loads completing on this barrier will deliver.
+__device__ __forceinline__ void MbarArriveExpectTx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra LAB_WAIT;\n}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// TMA: a box of a 4-d tensor map (coordinates innermost first) into shared memory, completing on `bar`.
+__device__ __forceinline__ void TmaLoad4d(uint32_t dst, const void* map, int c0, int c1, int c2, int c3,
+                                          uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(SmemAddr(bar))
+      : "memory");
+}
+
+// Named barriers (id 1..15; 0 is __syncthreads) over `threads` threads: sync waits, arrive does not.
+__device__ __forceinline__ void NamedBarSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Moves registers between warpgroups (every thread of the warpgroup calls it).
+template <int N>
+__device__ __forceinline__ void WarpgroupRegisters() {
+  if constexpr (N > 128) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+  else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
 // Thread-block cluster barrier in two halves: arrive without ordering memory (no fence; the wait
 // then only tells that every CTA of the cluster got that far), and wait.
 __device__ __forceinline__ void ClusterArriveRelaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory"); }
@@ -503,19 +551,20 @@ __device__ __forceinline__ void RowInverses(float (&l)[2], float (&inv)[2]) {
 // and writes o and lse: no global scratch, no second kernel. This thread holds columns
 // col0 + 8 * dt + 2 * (lane % 4) (and the next) of its rows r0 and r0 + 8 in o, unnormalised
 // (inv = 1 / l); threads with col0 == 0 record (m, l). A warp merges kSeg columns of a row at a time.
-// Call from every thread, after a barrier behind the main loop's last shared-memory read. (Tried:
+// Call from `warps` warps (0..warps - 1; any others of the CTA call MergeKeySplitsBarriers), after
+// a barrier behind the main loop's last shared-memory read. (Tried:
 // pushing the partial rows into the merging CTA with remote stores, then merging locally: slower,
 // 12.1 vs 11.5 us per decode step, the release barrier waiting for the stores.)
 template <typename T, int D, int kRows, int kSeg, int kDTiles>
 __device__ __forceinline__ void MergeKeySplits(const Params& p, const AttentionForwardOut& out, char* smem, int b,
                                                int h, int64_t row0, const float (&o)[kDTiles][4],
                                                const float (&inv)[2], const float (&m)[2], const float (&l)[2],
-                                               int r0, int col0) {
+                                               int r0, int col0, int warps) {
   constexpr int kStride = D + 8;  // floats per partial row: conflict-free float2 stores, aligned float4 loads
   // A lane merges kVec columns at kVec * lane + 32 * kVec * j, j < kChunks, of each split's row.
   constexpr int kVec = kSeg >= 128 ? 4 : 2, kChunks = kSeg / (32 * kVec), kSegs = D / kSeg;
   using Vec = std::conditional_t<kVec == 4, float4, float2>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* po = reinterpret_cast<float*>(smem);
   float2* pml = reinterpret_cast<float2*>(po + kRows * kStride);
 #pragma unroll
@@ -578,6 +627,13 @@ __device__ __forceinline__ void MergeKeySplits(const Params& p, const AttentionF
   }
   // Peers may still read this CTA's shared memory. Their reads are done once they arrive (the values
   // are in use), so the arrive orders no memory: relaxed, without the release's fence.
+  ClusterArriveRelaxed();
+  ClusterWait();
+}
+
+// MergeKeySplits' cluster barriers, for the CTA's warps that hold no rows.
+__device__ __forceinline__ void MergeKeySplitsBarriers() {
+  cg::this_cluster().sync();
   ClusterArriveRelaxed();
   ClusterWait();
 }
@@ -647,12 +703,12 @@ bool WideClusterFits(K kernel, const cudaLaunchConfig_t& config, int device) {
 
 int ListBytes(int n) { return ((n + 1) & ~1) + 2 * n + 16; }
 
-// Launches kernel(p, out, tiles per split) over (row tiles of rows_per_cta, batch x KV heads, splits)
+// Launches kernel(p, out, tiles per split, extra...) over (row tiles of rows_per_cta, batch x KV heads, splits)
 // CTAs of `threads`, the splits of a row tile forming one cluster: 16 CTAs (a non-portable size)
 // only where one fits, else at most the portable 8. smem_bytes(tiles per split): dynamic shared memory.
-template <typename K, typename SmemBytes>
+template <typename K, typename SmemBytes, typename... Extra>
 cudaError_t LaunchSplits(K kernel, const Params& p, const AttentionForwardOut& out, int rows_per_cta, int threads,
-                         SmemBytes smem_bytes, int splits, int device, cudaStream_t stream) {
+                         SmemBytes smem_bytes, int splits, int device, cudaStream_t stream, const Extra&... extra) {
   constexpr int kPortableCluster = 8;
   const int n_tiles = int((p.tk + kKeysPerTile - 1) / kKeysPerTile);
   cudaLaunchConfig_t config{};
@@ -676,7 +732,7 @@ cudaError_t LaunchSplits(K kernel, const Params& p, const AttentionForwardOut& o
     splits = kPortableCluster;
     if (cudaError_t e = configure(); e != cudaSuccess) return e;
   }
-  return cudaLaunchKernelEx(&config, kernel, p, out, per_split);
+  return cudaLaunchKernelEx(&config, kernel, p, out, per_split, extra...);
 }
 
 template <template <typename, int> class Fn, typename... Args>
