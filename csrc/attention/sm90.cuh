@@ -703,9 +703,10 @@ bool WideClusterFits(K kernel, const cudaLaunchConfig_t& config, int device) {
 
 int ListBytes(int n) { return ((n + 1) & ~1) + 2 * n + 16; }
 
-// Launches kernel(p, out, tiles per split, extra...) over (row tiles of rows_per_cta, batch x KV heads, splits)
-// CTAs of `threads`, the splits of a row tile forming one cluster: 16 CTAs (a non-portable size)
-// only where one fits, else at most the portable 8. smem_bytes(tiles per split): dynamic shared memory.
+// Launches kernel(p, out, tiles per split, extra...) over (row tiles of rows_per_cta, batch x KV
+// heads, splits) CTAs of `threads`, the splits of a row tile forming one cluster: 16 CTAs (a
+// non-portable size) only where one fits, else at most the portable 8. smem_bytes(tiles per split):
+// dynamic shared memory.
 template <typename K, typename SmemBytes, typename... Extra>
 cudaError_t LaunchSplits(K kernel, const Params& p, const AttentionForwardOut& out, int rows_per_cta, int threads,
                          SmemBytes smem_bytes, int splits, int device, cudaStream_t stream, const Extra&... extra) {
