@@ -34,6 +34,8 @@ constexpr int kConsumerThreads = 2 * 128;
 // Named barriers (0 is __syncthreads): the consumers' Q (and dO) loaded; kTurnBar + w: warpgroup w's
 // turn to issue (forward) or its dS stored (dQ).
 constexpr int kQueryBar = 1, kTurnBar = 2;
+// setmaxnreg: 40 x 128 + 232 x 256 <= 168 x 384, the count __launch_bounds__(kSpecThreads, 1) starts from.
+constexpr int kProducerRegs = 40, kConsumerRegs = 232;
 
 // TMA maps of the two key sources' K and V, (batch, keys, KV heads, D) boxed as 64 keys x 64
 // columns with the 128-byte swizzle: one box is one region of a key Tile.
@@ -85,6 +87,13 @@ __device__ __forceinline__ void InitKeyPipeline(uint64_t* bars) {
     MbarInit(&bars[4 + st], kConsumerThreads), MbarInit(&bars[6 + st], kConsumerThreads);
   }
   MbarInitFence();
+}
+
+// Consumers: their cp.async loads of Q (and dO) landed, fenced for wgmma, and everyone's visible.
+__device__ __forceinline__ void WaitQueryRows() {
+  CpAsyncWait<0>();
+  FenceAsyncProxy();
+  NamedBarSync(kQueryBar, kConsumerThreads);
 }
 
 // The producer warp's loop: K (with its keys' effective blocks, eff[2][64]) and V of the n listed
@@ -161,7 +170,7 @@ __global__ void __launch_bounds__(kSpecThreads, 1)
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, begin, max(begin, end), list, flags, red + 3);
 
   if (wg == 2) {  // producer
-    WarpgroupRegisters<40>();
+    WarpgroupRegisters<kProducerRegs>();
     if (warp == 8) ProduceKeyTiles<D>(p, maps, sk(0), sv(0), eff, k_full, list, n, b, h, lane);
     if (gridDim.z > 1) {
       __syncthreads();  // matches the consumers' barrier before the merge
@@ -170,7 +179,7 @@ __global__ void __launch_bounds__(kSpecThreads, 1)
     return;
   }
 
-  WarpgroupRegisters<232>();
+  WarpgroupRegisters<kConsumerRegs>();
   // This thread's two rows (r0 and r0 + 8 of the warp's 16) and their query blocks.
   const int r0 = 16 * warp + lane / 4;
   int qb[2];
@@ -179,9 +188,7 @@ __global__ void __launch_bounds__(kSpecThreads, 1)
     const int64_t t = (row0 + r0 + 8 * i) / p.group;
     qb[i] = t < p.tq ? QueryBlock(p, b, t) : INT_MIN;
   }
-  CpAsyncWait<0>();
-  FenceAsyncProxy();  // cp.async data -> wgmma reads
-  NamedBarSync(kQueryBar, kConsumerThreads);
+  WaitQueryRows();
 
   float o[kDTiles][4];
   Zero(o);
@@ -190,7 +197,15 @@ __global__ void __launch_bounds__(kSpecThreads, 1)
 
   // Descriptors: Q and K K-major, V MN-major (the region size as leading byte offset).
   const TileDesc dq(sq, 16, 1024), dk(sk(0), 16, 1024), dv(sv(0), kKeysPerTile * 128, 1024);
-  auto v_desc = [&](int kk, int nc, int st) { return dv.At(16 * kk, 8 * nc, st * kStageBytes); };
+  auto issue_pv = [&](int st) {  // O += P V of V stage st: V MN-major, 16 keys x 64 columns of D per MMA
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int nc = 0; nc < D / 64; ++nc)
+        Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk],
+                        dv.At(16 * kk, 8 * nc, st * kStageBytes));
+    GmmaCommit();
+  };
   // Turns: warpgroup w issues after the other's arrive on kTurnBar + w; warpgroup 0 goes first, and
   // each warpgroup arrives as often as the other syncs.
   if (wg == 1 && n > 0) NamedBarArrive(kTurnBar, kConsumerThreads);
@@ -211,15 +226,7 @@ __global__ void __launch_bounds__(kSpecThreads, 1)
     }
     GmmaCommit();
     if (it > 0) {
-      // O += P V of the previous tile: V MN-major, 16 keys x 64 columns of D per MMA.
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-        for (int nc = 0; nc < D / 64; ++nc)
-          Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk], v_desc(kk, nc, st ^ 1));
-      GmmaCommit();
-    }
-    if (it > 0) {
+      issue_pv(st ^ 1);
       GmmaWait<1>();
     } else {
       GmmaWait<0>();
@@ -242,12 +249,7 @@ __global__ void __launch_bounds__(kSpecThreads, 1)
     MbarWait(&v_full[(n - 1) & 1], ((n - 1) >> 1) & 1);
     GmmaFenceOperands(o);
     GmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-#pragma unroll
-      for (int nc = 0; nc < D / 64; ++nc)
-        Elem<T>::GmmaRS(*reinterpret_cast<float(*)[8][4]>(&o[8 * nc]), pa[kk], v_desc(kk, nc, (n - 1) & 1));
-    GmmaCommit();
+    issue_pv((n - 1) & 1);
     GmmaWait<0>();
     GmmaFenceOperands(o);
   }
@@ -612,15 +614,13 @@ __global__ void __launch_bounds__(kSpecThreads, 1) BackwardQKernel(Params p, Att
   const int n = ListKeyTiles(p, b, qmin, qmax, complete, 0, n_ktiles, list, flags, red + 3);
 
   if (wg == 2) {  // producer
-    WarpgroupRegisters<40>();
+    WarpgroupRegisters<kProducerRegs>();
     if (warp == 8) ProduceKeyTiles<D>(p, maps, k0, v0, eff, bars, list, n, b, h, lane);
     return;
   }
 
-  WarpgroupRegisters<232>();
-  CpAsyncWait<0>();
-  FenceAsyncProxy();  // cp.async data -> wgmma reads
-  NamedBarSync(kQueryBar, kConsumerThreads);
+  WarpgroupRegisters<kConsumerRegs>();
+  WaitQueryRows();
   float dq[D / 8][4];  // this warpgroup's half of the keys
   Zero(dq);
   for (int it = 0; it < n; ++it) {
